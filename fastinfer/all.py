@@ -1,0 +1,3 @@
+"Everything a fastai user needs: `from fastinfer.all import *` patches `Learner` with the fast_* methods"
+from .core import *
+from .preds import *

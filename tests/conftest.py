@@ -1,0 +1,19 @@
+"Shared fixtures: one tiny learner per task kind, built once per test session"
+import warnings, pytest
+from fastinfer.test_utils import KINDS, synth_learner
+
+warnings.filterwarnings('ignore', message='.*insecure pickle.*')
+
+@pytest.fixture(scope='session')
+def root(tmp_path_factory): return tmp_path_factory.mktemp('fastinfer')
+
+_cache = {}
+def learner(kind, root):
+    if kind not in _cache: _cache[kind] = synth_learner(kind, root/kind, n=44, epochs=1)
+    return _cache[kind]
+
+@pytest.fixture(scope='session', params=KINDS)
+def kind_learner(request, root): return (request.param,) + learner(request.param, root)
+
+@pytest.fixture(scope='session')
+def single(root): return learner('single', root)

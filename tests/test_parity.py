@@ -1,0 +1,123 @@
+"fast_get_preds / fast_predict against fastai's own get_preds / predict on the same loaded learner"
+import warnings, pytest
+import numpy as np, pandas as pd, torch
+from pathlib import Path
+from fastai.vision.all import Learner, load_learner, noop, tensor
+from fastcore.test import test_eq as eq, test_close as close, test_fail as fails, test_is as same
+from fastinfer.all import *
+from fastinfer.test_utils import KINDS, odd_items
+
+EPS = 1e-5
+
+def ref_preds(learn, items, bs=16, **kw):
+    with learn.no_bar(): return learn.get_preds(dl=learn.dls.test_dl(items, bs=bs), **kw)
+
+def max_dp(a, b): return (a.float()-b.float()).abs().max().item()
+
+def test_get_preds_parity(kind_learner):
+    kind,learn,files = kind_learner
+    ref = ref_preds(learn, files, with_input=True, with_decoded=True)
+    res = learn.fast_get_preds(files, bs=16, with_input=True, with_decoded=True, fully_decoded=True)
+    eq(len(res), 5)
+    eq([type(o) for o in res[:4]], [type(o) for o in ref])
+    eq(res[0], ref[0])
+    assert max_dp(res[1], ref[1]) <= EPS, (kind, max_dp(res[1], ref[1]))
+    assert res[2] is None
+    eq(res[3], ref[3])
+    full = [d[1] for d in learn.dls.decode_batch((ref[0], ref[3]), max_n=None)]
+    eq(len(res[4]), len(files))
+    for a,b in zip(res[4], full): eq(type(a), type(b)); eq(a, b)
+
+@pytest.mark.parametrize('kw', [{}, dict(with_decoded=True), dict(with_input=True), dict(act=noop)])
+def test_tuple_shape(single, kw):
+    learn,files = single
+    ref,res = ref_preds(learn, files[:20], **kw),learn.fast_get_preds(files[:20], bs=16, **kw)
+    eq(len(res), len(ref))
+    for a,b in zip(res, ref):
+        if b is None: assert a is None
+        else: close(a, b, eps=EPS); eq(type(a), type(b))
+
+def test_predict_parity(kind_learner):
+    kind,learn,files = kind_learner
+    for f in files[:3]:
+        with learn.no_bar(): ref = learn.predict(f)
+        res = learn.fast_predict(f)
+        close(res[2], ref[2], eps=EPS)
+        eq(type(res[0]), type(ref[0]))
+        if kind in ('regression', 'points'): close(tensor(res[0]), tensor(ref[0]), eps=1e-4)
+        else: eq(res[0], ref[0]); eq(res[1], ref[1])
+    with learn.no_bar(): ref = learn.predict(files[3], with_input=True)
+    res = learn.fast_predict(files[3], with_input=True)
+    eq(len(res), 4); eq(res[0], ref[0])
+
+def test_item_kinds(single):
+    "paths, str, PIL (lazy and loaded), HWC arrays and tensors, bytes: the file's answer, and fastai's"
+    learn,files = single
+    items = odd_items(files)
+    res = learn.fast_get_preds(items, bs=4, with_decoded=True)
+    ref = ref_preds(learn, files[:6], bs=4, with_decoded=True)
+    close(res[0], ref[0], eps=EPS); eq(res[2], ref[2])
+    # fastai itself, given the same in-memory items (it cannot take a lazily opened PIL image: index 1)
+    mem = [items[i] for i in (2,3,4,5)]
+    with learn.no_bar(): fa = learn.get_preds(dl=learn.dls.test_dl(mem, rm_type_tfms=0, bs=4))[0]
+    close(learn.fast_get_preds(mem)[0], fa, eps=EPS)
+
+def test_batch_sizes(single):
+    learn,files = single
+    ref = ref_preds(learn, files, bs=64)[0]
+    for bs in (1, 7, 64):
+        close(learn.fast_get_preds(files, bs=bs)[0], ref, eps=EPS)
+    close(learn.fast_get_preds(iter(files[:5]))[0], ref[:5], eps=EPS)
+    eq(learn.fast_get_preds(files[:1], fully_decoded=True)[-1], [learn.fast_predict(files[0])[0]])
+    fails(lambda: learn.fast_get_preds([]), contains='empty')
+
+def test_workers_same_order(single):
+    learn,files = single
+    a = learn.fast_get_preds(files, bs=8, fully_decoded=True)
+    b = learn.fast_get_preds(files, bs=8, fully_decoded=True, num_workers=2)
+    eq(a[0], b[0]); eq(a[-1], b[-1])
+
+@pytest.mark.parametrize('nw', [0, 2])
+def test_bad_item_named(single, nw):
+    learn,files = single
+    bad = files[:5] + [Path('/nonexistent/cat.jpg')] + files[5:9]
+    with pytest.raises(Exception, match=r'item 5 \(/nonexistent/cat.jpg\)'): learn.fast_get_preds(bad, bs=4, num_workers=nw)
+    with pytest.raises(ItemError, match=r'item 0 \(float\)'): learn.fast_get_preds([0.5])
+
+def test_learner_untouched(single):
+    learn,files = single
+    pipes = [learn.dls.valid.after_item, learn.dls.valid.after_batch] + [tl.tfms for tl in learn.dls.valid_ds.tls]
+    before = [p.split_idx for p in pipes]
+    learn.model.train()
+    learn.fast_get_preds(files[:4]); learn.fast_predict(files[0])
+    assert learn.model.training
+    learn.model.eval()
+    eq([p.split_idx for p in pipes], before)
+    assert Learner.get_preds.__module__=='fastai.learner' and Learner.predict.__module__=='fastai.learner'
+    same(learn.fast_pipes, learn.fast_pipes)
+
+def test_vocab_decode_checked(single):
+    learn,files = single
+    learn._fi_pipes = None
+    learn.fast_get_preds(files[:8], fully_decoded=True)
+    assert learn.fast_pipes.vocab_ok is True
+
+def test_tabular_fallback(tmp_path):
+    from fastai.tabular.all import TabularDataLoaders, tabular_learner, Categorify, Normalize as TNorm
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame(dict(a=rng.normal(size=64), b=rng.choice(['x','y'], 64)))
+    df['y'] = np.where(df.a > 0, 'pos', 'neg')
+    dls = TabularDataLoaders.from_df(df, path=tmp_path, cat_names=['b'], cont_names=['a'], y_names='y', procs=[Categorify, TNorm], bs=16)
+    learn = tabular_learner(dls, layers=[8])
+    learn.export(tmp_path/'tab.pkl')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        learn = load_learner(tmp_path/'tab.pkl')
+    with pytest.warns(UserWarning, match='not vision'): res = learn.fast_get_preds(df.iloc[:20], bs=8, with_decoded=True)
+    with learn.no_bar(): ref = learn.get_preds(dl=learn.dls.test_dl(df.iloc[:20], bs=8), with_decoded=True)
+    eq(len(res), 3); close(res[0], ref[0], eps=EPS); eq(res[2], ref[2])
+    with pytest.raises(NotImplementedError, match='with_decoded=True'): learn.fast_get_preds(df.iloc[:4], fully_decoded=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        learn.fast_get_preds(df.iloc[:4])  # warned once only
+    with learn.no_bar(): eq(learn.fast_predict(df.iloc[0])[0], learn.predict(df.iloc[0])[0])
