@@ -1,0 +1,79 @@
+"Precision modes and compiled execution: results, fallbacks and the learner left untouched (no timing here)"
+import warnings, pytest, torch
+import fastinfer.engine as engine
+from fastai.vision.all import Learner
+from fastcore.test import test_eq as eq, test_close as close
+from fastinfer.all import *
+
+def agree(a, b): return (a.argmax(1)==b.argmax(1)).float().mean().item()
+
+def test_bf16(single):
+    learn,files = single
+    ref = learn.fast_get_preds(files)[0]
+    w = [p.detach().clone() for p in learn.model.parameters()]
+    res = learn.fast_get_preds(files, bs=16, precision='bf16')[0]
+    eq(res.dtype, torch.float32)
+    assert (res-ref).abs().max() < 0.05 and agree(res, ref) >= 0.95
+    # the learner's own model is not converted: fastai's path and the exact path are unchanged
+    for a,b in zip(w, learn.model.parameters()): eq(a, b.detach())
+    assert not any(p.is_contiguous(memory_format=torch.channels_last) and p.ndim==4 and not p.is_contiguous() for p in learn.model.parameters())
+    eq(learn.fast_get_preds(files)[0], ref)
+    p = learn.fast_predict(files[0], precision='bf16')
+    close(p[2], ref[0], eps=0.05)
+
+def test_bad_precision(single):
+    learn,files = single
+    with pytest.raises(ValueError, match="needs a CUDA device; on cpu use None"): learn.fast_get_preds(files[:2], precision='fp16')
+    with pytest.raises(ValueError, match='expected one of'): learn.fast_predict(files[0], precision='half')
+
+def test_compiled_parity(single):
+    "a real `torch.compile` (inductor, freezing): same answers as fastai, short last batch padded"
+    learn,files = single
+    with learn.no_bar(): ref = learn.get_preds(dl=learn.dls.test_dl(files, bs=16), with_decoded=True)
+    res = learn.fast_get_preds(files, bs=16, with_decoded=True, compile=True)
+    assert len(files)%16, 'the last batch must be short to test padding'
+    close(res[0], ref[0], eps=1e-5); eq(res[2], ref[2])
+    assert learn._fi_engines[(None, 'cpu', True, 16)].warm
+    learn.fast_prepare(bs=1)
+    with learn.no_bar(): p = learn.predict(files[0])
+    r = learn.fast_predict(files[0])
+    assert learn._fi_engines[(None, 'cpu', True, 1)].warm
+    close(r[2], p[2], eps=1e-5); eq(r[0], p[0])
+
+def test_compile_failure_falls_back(single, monkeypatch):
+    learn,files = single
+    learn.fast_reset()
+    def broken(m, **kw):
+        def f(*a): raise RuntimeError('no compiler here')
+        return f
+    monkeypatch.setattr(torch, 'compile', broken)
+    ref = learn.fast_get_preds(files, compile=False)[0]
+    with pytest.warns(UserWarning, match='torch.compile failed.*no compiler here.*running eager'):
+        res = learn.fast_get_preds(files, bs=16, compile=True)[0]
+    eq(res, ref)
+    learn.fast_reset()
+
+def test_auto_compile_policy(single, monkeypatch):
+    "`compile=None` compiles only when the eager time still ahead outweighs the compile cost"
+    learn,files = single
+    monkeypatch.setattr(torch, 'compile', lambda m, **kw: m)
+    key = (None, 'cpu', True, 8)
+    learn.fast_reset(); monkeypatch.setattr(engine, 'COMPILE_S', 1e9)
+    learn.fast_get_preds(files, bs=8)
+    assert key not in learn._fi_engines
+    monkeypatch.setattr(engine, 'COMPILE_S', 0.)
+    learn.fast_get_preds(files, bs=8)
+    assert learn._fi_engines[key].warm
+    learn.fast_reset()
+
+def test_compile_needs_fixed_size(single):
+    learn,files = single
+    learn.fast_pipes._fixed = False
+    try:
+        with pytest.warns(UserWarning, match='compile=True ignored'): learn.fast_get_preds(files[:3], compile=True)
+    finally: del learn.fast_pipes._fixed
+    assert learn.fast_pipes.fixed_size
+
+def test_auto_workers():
+    eq(auto_workers(10, 64, torch.device('cpu')), 0)
+    assert auto_workers(100_000, 64, torch.device('cpu')) >= 1
