@@ -77,3 +77,18 @@ def test_compile_needs_fixed_size(single):
 def test_auto_workers():
     eq(auto_workers(10, 64, torch.device('cpu')), 0)
     assert auto_workers(100_000, 64, torch.device('cpu')) >= 1
+
+def test_fast_decode(single, tmp_path):
+    "opt-in JPEG draft decoding: same shapes and near answers on big JPEGs; PNGs and in-memory items are untouched"
+    from PIL import Image
+    learn,files = single
+    jpgs = []
+    for i,f in enumerate(files[:6]):
+        jpgs.append(tmp_path/f'{i}.jpg'); Image.open(f).resize((960,720)).save(jpgs[-1], quality=92)
+    a = learn.fast_get_preds(jpgs, with_input=True)
+    b = learn.fast_get_preds(jpgs, with_input=True, fast_decode=True)
+    eq(a[0].shape, b[0].shape)
+    assert not torch.equal(a[0], b[0]) and (a[1]-b[1]).abs().max() < 0.1
+    eq(learn.fast_get_preds(files[:6], fast_decode=True)[0], learn.fast_get_preds(files[:6])[0])
+    mem = [Image.open(f).convert('RGB') for f in jpgs]
+    eq(learn.fast_get_preds(mem, fast_decode=True)[0], learn.fast_get_preds(mem)[0])
