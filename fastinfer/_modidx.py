@@ -9,6 +9,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'fastinfer.bench._torchvision_preds': ('bench.html#_torchvision_preds', 'fastinfer/bench.py'),
                                  'fastinfer.bench.bench': ('bench.html#bench', 'fastinfer/bench.py'),
                                  'fastinfer.bench.bench_corpus': ('bench.html#bench_corpus', 'fastinfer/bench.py'),
+                                 'fastinfer.bench.bench_e2e': ('bench.html#bench_e2e', 'fastinfer/bench.py'),
                                  'fastinfer.bench.bench_learner': ('bench.html#bench_learner', 'fastinfer/bench.py'),
                                  'fastinfer.bench.bench_plot': ('bench.html#bench_plot', 'fastinfer/bench.py'),
                                  'fastinfer.bench.bench_table': ('bench.html#bench_table', 'fastinfer/bench.py')},
