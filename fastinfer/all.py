@@ -1,6 +1,8 @@
-"Everything a fastai user needs: `from fastinfer.all import *` patches `Learner` with the fast_* and export methods"
+"Everything a fastai user needs: `from fastinfer.all import *` patches `Learner` with the fast_*, export, quantize and TTA methods"
 from .core import *
 from .engine import *
 from .preds import *
 from .export import *
+from .quant import *
+from .tta import *
 from .jit import load_jit, JitPredictor

@@ -1,0 +1,54 @@
+"quantize (static int8, FX graph mode) and fast_tta (fastai's tta formula, seeded)"
+import pytest, torch
+from torch import nn
+from fastai.vision.all import Learner
+from fastcore.test import test_eq as eq, test_close as close
+from fastinfer.all import *
+from fastinfer.quant import _is_int8
+
+@pytest.fixture(scope='module')
+def qsingle(single): return single[0].quantize(single[1][:32], n_batches=2, bs=16)
+
+def test_quantize_new_learner(single, qsingle):
+    learn,files = single
+    w = [p.detach().clone() for p in learn.model.parameters()]
+    ql = qsingle
+    assert ql is not learn and _is_int8(ql.model) and not _is_int8(learn.model)
+    for a,b in zip(w, learn.model.parameters()): eq(a, b.detach())
+    p32,p8 = learn.fast_get_preds(files)[0],ql.fast_get_preds(files, compile=True)[0]
+    assert (p32-p8).abs().max() < 0.2 and (p32.argmax(1)==p8.argmax(1)).float().mean() >= 0.9
+    eq(ql.fast_predict(files[0])[1], p8[0].argmax())
+
+def test_quantized_export(qsingle, single, tmp_path):
+    ql,(_,files) = qsingle,single
+    p = load_jit(ql.export_jit(tmp_path/'q.pt', example_items=files[:4]))
+    close(p.get_preds(files)[0], ql.fast_get_preds(files)[0], eps=1e-4)
+
+def test_quantize_refuses(single):
+    learn,files = single
+    class Branchy(nn.Module):
+        def forward(self, x): return x.mean((2,3)) if x.sum() > 0 else -x.mean((2,3))
+    with pytest.raises(ValueError, match='cannot quantize Branchy'): Learner(learn.dls, Branchy(), loss_func=learn.loss_func).quantize(files[:8])
+    flat = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(ValueError, match='no module of it has an int8 kernel'): Learner(learn.dls, flat, loss_func=learn.loss_func).quantize(files[:8])
+
+def test_tta(single):
+    learn,files = single
+    eq(learn.fast_tta(files, beta=1.)[0], learn.fast_get_preds(files)[0])
+    a,b = learn.fast_tta(files, seed=3, beta=0.)[0],learn.fast_tta(files, seed=3, beta=0.)[0]
+    eq(a, b); assert not torch.equal(a, learn.fast_tta(files, seed=4, beta=0.)[0])
+    aug,plain = learn.fast_tta(files, beta=None, seed=5)
+    close(learn.fast_tta(files, seed=5)[0], torch.lerp(aug, plain, 0.25))
+    mx = learn.fast_tta(files, seed=5, use_max=True)[0]
+    assert (mx >= plain).all() and (mx >= aug - 1e-7).all() and (mx > plain).any()  # max over plain and each pass >= their mean
+    res = learn.fast_tta(files, n=2, with_decoded=True, fully_decoded=True)
+    eq(res[2], res[0].argmax(1)); eq(res[3], [learn.dls.vocab[i] for i in res[2]])
+
+def test_tta_matches_fastai_formula(root):
+    "on a learner whose training-mode transforms are deterministic, fastai's own `tta` and `fast_tta` agree"
+    from conftest import learner
+    learn,files = learner('bw', root)
+    with learn.no_bar(): ref = learn.tta(dl=learn.dls.test_dl(files, bs=16), n=2)[0]
+    close(learn.fast_tta(files, n=2, bs=16)[0], ref, eps=1e-5)
+    with learn.no_bar(): ref = learn.tta(dl=learn.dls.test_dl(files, bs=16), n=2, use_max=True)[0]
+    close(learn.fast_tta(files, n=2, bs=16, use_max=True)[0], ref, eps=1e-5)
