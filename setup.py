@@ -6,7 +6,7 @@ cfg.read('settings.ini', encoding='utf-8')
 cfg = cfg['DEFAULT']
 
 reqs = cfg.get('requirements', '').split()
-extras = {'dev': cfg.get('dev_requirements', '').split(), 'onnx': cfg.get('onnx_requirements', '').split()}
+extras = {k: cfg.get(f'{k}_requirements', '').split() for k in ('dev', 'onnx', 'serve')}
 
 setuptools.setup(
     name=cfg['lib_name'], version=cfg['version'], description=cfg['description'],

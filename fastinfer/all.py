@@ -5,4 +5,5 @@ from .preds import *
 from .export import *
 from .quant import *
 from .tta import *
-from .jit import load_jit, JitPredictor
+from .runtime import load, Predictor
+from .jit import load_jit

@@ -11,11 +11,12 @@ from .core import *
 from .engine import *
 from .preds import *
 from .quant import *
+from .export import *
 from .demo import cache_dir
 
 # %% auto #0
-__all__ = ['bench_corpus', 'bench_learner', 'bench', 'bench_e2e', 'benchmark_archs', 'archs_table', 'archs_plot', 'bench_table',
-           'bench_plot']
+__all__ = ['bench_corpus', 'bench_learner', 'bench', 'cpu_line', 'bench_e2e', 'benchmark_archs', 'archs_table', 'archs_plot',
+           'bench_table', 'bench_plot']
 
 # %% ../nbs/06_bench.ipynb #72149883
 def bench_corpus(path=None, n:int=512, n_big:int=16, seed:int=0)->tuple:
@@ -65,28 +66,11 @@ def _torchvision_preds(learn, sz, bs, num_workers=0):
         with torch.no_grad(): return torch.cat([F.softmax(model(x).float(), 1) for x in torch.utils.data.DataLoader(DS(items), bs, num_workers=num_workers)])
     return f
 
-def _onnx_preds(learn, bs):
-    "ONNX Runtime fp32 on fastinfer's exact preprocessing, or `None` if `onnxruntime` is not installed"
-    try: import onnxruntime as ort
-    except ImportError: return None
-    import io
-    pipes,buf = learn.fast_pipes,io.BytesIO()
-    x = pipes.batch(pipes.collate([pipes.item(Image.new('RGB', (64,64)))]*2))[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        torch.onnx.export(learn.model.eval(), (torch.Tensor(x),), buf, dynamo=False, input_names=['x'], output_names=['y'], dynamic_axes={'x': {0: 'n'}, 'y': {0: 'n'}})
-    opts = ort.SessionOptions(); opts.intra_op_num_threads = torch.get_num_threads()
-    sess = ort.InferenceSession(buf.getvalue(), opts, providers=['CPUExecutionProvider'])
-    def f(items):
-        return torch.cat([F.softmax(torch.from_numpy(sess.run(None, {'x': torch.Tensor(bt.b[0]).numpy()})[0]), 1)
-                          for bt in fast_batches(items, pipes, bs)])
-    return f
-
-def _forward_only(learn, items, bs, precision=None, compile=False):
+def _forward_only(learn, items, bs, backend='torch', precision=None):
     "Seconds for the model alone over `items`, batches prepared beforehand: the floor for an end-to-end run"
     pipes = learn.fast_pipes
     bs_ = [bt.b[:pipes.n_inp] for bt in fast_batches(items, pipes, bs)]
-    eng = learn.fast_engine(precision, None, compile, bs)
+    eng = learn.fast_select(bs_[0], backend, precision, None, bs)
     with torch.inference_mode():
         for xb in bs_[:1]: eng(xb)
         t0 = time.perf_counter()
@@ -117,37 +101,41 @@ def bench(learn:Learner=None, items=None, bs:int=64, n_rep:int=2, n_predict:int=
     items = items if items is not None else bench_corpus()[0]
     with learn.no_bar(): return _bench(learn, items, bs, n_rep, n_predict, compile, onnx, big, exports, int8)
 
+def cpu_line()->str:
+    "The CPU's model and the flags that decide which engine and precision are fast on it"
+    fl = cpu_flags()
+    return f"{cpu_name()}; " + ', '.join(f"{f} {'yes' if f in fl else 'no'}" for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16'))
+
 def _bench(learn, items, bs, n_rep, n_predict, compile, onnx, big, exports, int8):
     sz = learn.fast_pipes.item(Image.new('RGB', (64,64)))[0].shape[-1]
     def fa(items):
         with learn.no_bar(): return learn.get_preds(dl=learn.dls.test_dl(items, bs=bs))[0]
-    def fi(precision=None, comp=False, fast_decode=False):
-        return lambda items: learn.fast_get_preds(items, bs=bs, precision=precision, compile=comp, fast_decode=fast_decode)[0]
-    fs,modes = {'fastai get_preds': fa, 'plain PyTorch (torchvision + DataLoader)': _torchvision_preds(learn, sz, bs)},{'fastai get_preds': (None, False)}
-    ox = _onnx_preds(learn, bs) if onnx else None
-    if ox is not None: fs['ONNX Runtime fp32'] = ox
+    def fi(precision=None, backend='auto', fast_decode=False):
+        return lambda items: learn.fast_get_preds(items, bs=bs, precision=precision, backend=backend, fast_decode=fast_decode)[0]
+    fs,modes = {'fastai get_preds': fa, 'plain PyTorch (torchvision + DataLoader)': _torchvision_preds(learn, sz, bs)},{}
+    backends = ['auto', 'torch'] + (['onnxruntime'] if onnx else []) + (['compile'] if compile else [])
     for prec in (None, 'bf16'):
-        for comp in ((False, True) if compile else (False,)):
-            k = f"fastinfer {prec or 'exact'}{' compiled' if comp else ''}"
-            fs[k],modes[k] = fi(prec, comp),(prec, comp)
+        for be in (backends if prec is None else ['auto']):
+            k = f"fastinfer {'default' if be=='auto' else 'backend=' + be}{' bf16' if prec else ''}"
+            fs[k],modes[k] = fi(prec, be),(be, prec)
     if int8:
         ql = learn.quantize(items[:128], bs=bs)
         def q8(items):
             with ql.no_bar(): return ql.fast_get_preds(items, bs=bs)[0]
-        fs['fastinfer int8 (quantize, calibrated on 128 items)'] = q8
+        fs['fastinfer int8 (quantize: ONNX Runtime QDQ, calibrated on 128 items)'] = q8
     if exports:
         import tempfile, fastinfer.export
-        from fastinfer.jit import load_jit
+        from fastinfer.runtime import load
         d = Path(tempfile.mkdtemp())
-        for k,fn in (('fastinfer load_jit, TorchScript fp32', learn.export_jit(d/'m.pt', example_items=items[:4])),
-                     ('fastinfer load_jit, torch.export fp32', learn.export_program(d/'m.pt2', example_items=items[:4]))):
-            fs[k] = partial(lambda p,items: p.get_preds(items, bs=bs)[0], load_jit(fn))
+        for k,fn in (('fastinfer.runtime, .onnx (no torch, no fastai)', learn.export_onnx(d/'m.onnx', example_items=items[:4])),
+                     ('fastinfer.runtime, TorchScript .pt', learn.export_jit(d/'m.pt', example_items=items[:4]))):
+            fs[k] = partial(lambda p,items: torch.from_numpy(p.get_preds(items, bs=bs)[0]), load(fn))
     res = _measure(fs, items, n_rep)
     for r in res:
         if r['name'] in modes: r['efficiency'] = _forward_only(learn, items, bs, *modes[r['name']])/(len(items)/r['img_s'])
     res += _predict_rows(learn, items[:n_predict], compile) + _thread_rows(learn, items[:n_predict])
-    if big: res += _measure({f'fastai get_preds, {len(big)} photos 3000×2000': fa, 'fastinfer exact, 3000×2000': fi(),
-                             'fastinfer exact + fast_decode, 3000×2000': fi(fast_decode=True)}, big, n_rep)
+    if big: res += _measure({f'fastai get_preds, {len(big)} photos 3000×2000': fa, 'fastinfer default, 3000×2000': fi(),
+                             'fastinfer default + fast_decode, 3000×2000': fi(fast_decode=True)}, big, n_rep)
     return res
 
 def _thread_rows(learn, items, threads=(1, 8))->list:
@@ -173,11 +161,9 @@ def _predict_rows(learn, items, compile=True)->list:
         return np.percentile(ts, 50)*1e3,np.percentile(ts, 95)*1e3
     def fa(o):
         with learn.no_bar(): return learn.predict(o)
-    fs = {'fastai predict': fa, 'fastinfer fast_predict': lambda o: learn.fast_predict(o, compile=False),
-          'fastinfer fast_predict bf16': lambda o: learn.fast_predict(o, precision='bf16', compile=False)}
-    if compile:
-        learn.fast_prepare(bs=1)
-        fs['fastinfer fast_predict compiled'] = lambda o: learn.fast_predict(o, compile=True)
+    fs = {'fastai predict': fa, 'fastinfer fast_predict': lambda o: learn.fast_predict(o),
+          'fastinfer fast_predict backend=torch': lambda o: learn.fast_predict(o, backend='torch'),
+          'fastinfer fast_predict bf16': lambda o: learn.fast_predict(o, precision='bf16')}
     res = {k: lat(f) for k,f in fs.items()}
     p50 = res['fastai predict'][0]
     ref = torch.stack([fa(o)[2] for o in items[:8]])
@@ -196,7 +182,7 @@ def bench_e2e(learn:Learner, items, bs:int=64)->list:
     learn.fast_reset()
     with learn.no_bar(): t_fi,p = _time(lambda: learn.fast_get_preds(items, bs=bs)[0])
     t_fa,ref = _time(fa, items)
-    compiled = any(k[2] for k in learn._fi_engines)
+    compiled = first(learn.fast_backend().values())['backend'] + (' then compiled' if any(k[0]=='compile' for k in learn._fi_engines) else '')
     return [dict(name=f'fastai get_preds, end to end, {len(items)} images', img_s=len(items)/t_fa, speedup=1.),
             dict(name=f"fastinfer defaults, end to end, {len(items)} images ({'compiled' if compiled else 'eager'}, warm-up included)",
                  img_s=len(items)/t_fi, speedup=t_fa/t_fi, max_dp=(p-ref).abs().max().item(), top1=(p.argmax(1)==ref.argmax(1)).float().mean().item())]

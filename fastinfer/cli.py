@@ -5,10 +5,11 @@
 # %% ../nbs/04_cli.ipynb #0e6c53c3
 from __future__ import annotations
 import argparse, json, sys
-import torch
+import numpy as np
+from .runtime import BACKENDS
 
 # %% auto #0
-__all__ = ['IMG_EXTS', 'expand_items', 'parser', 'main']
+__all__ = ['IMG_EXTS', 'expand_items', 'load_model', 'parser', 'main']
 
 # %% ../nbs/04_cli.ipynb #20a33b98
 def _demo(args):
@@ -23,7 +24,7 @@ def _evaluate(args):
 def _bench(args):
     import csv, json, platform, warnings
     from pathlib import Path
-    from fastai.vision.all import load_learner, get_image_files, defaults
+    from fastai.vision.all import load_learner, get_image_files, defaults, first
     from fastinfer.bench import bench, bench_corpus, bench_learner, bench_table, bench_plot, bench_e2e
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
@@ -39,8 +40,10 @@ def _bench(args):
     items,big = (sorted(get_image_files(args.items))[:args.n],None) if args.items else bench_corpus(n=args.n)
     rows = bench(learn, items, bs=args.bs, n_rep=args.reps, compile=not args.no_compile, big=big)
     if args.e2e: rows += bench_e2e(learn, bench_corpus(n=args.e2e)[0] if not args.items else items, bs=args.bs)
+    from fastinfer.bench import cpu_line
     print(f"{len(items)} images, {'resnet18 at %d px (random init)' % args.size if not args.learner else args.learner}, bs {args.bs}, "
-          f"{platform.processor() or platform.machine()}, {defaults.cpus} CPU threads, torch {__import__('torch').__version__}\n")
+          f"{defaults.cpus} CPU threads, torch {__import__('torch').__version__}\nCPU: {cpu_line()}\n"
+          f"backend='auto' chose: {first(learn.fast_backend().values()) or 'n/a'}\n")
     print(bench_table(rows))
     if args.json: Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.csv:
@@ -61,61 +64,89 @@ def expand_items(args)->list:
         else: out.append(p)
     return out
 
-def _rows(idx, probs, dec, vocab, items, topk, thresh=None):
-    "One output row a prediction: item, label, probability, top-k"
-    for i,p,d in zip(idx.tolist(), probs, dec):
+def _rows(idx, probs, dec, vocab, items, topk, errors=()):
+    "One output row a prediction: item, label, probability, top-k (numpy or torch rows alike)"
+    probs,dec = np.asarray(probs),np.asarray(dec)
+    for i,p,d in zip(np.asarray(idx).tolist(), probs, dec):
         r = dict(item=str(items[i]))
-        if p.isnan().all(): r.update(label='', probability=''); yield r; continue
-        if vocab is not None and p.ndim==1 and d.dtype==torch.bool:
+        if np.isnan(p).all(): r.update(label='', probability=''); yield r; continue
+        if vocab is not None and p.ndim==1 and d.dtype==bool:
             r['label'] = ';'.join(v for v,b in zip(vocab, d.tolist()) if b)
-            r['probability'] = round(p[d].min().item(), 6) if d.any() else ''
+            r['probability'] = round(float(p[d].min()), 6) if d.any() else ''
         elif vocab is not None and p.ndim==1:
-            r['label'],r['probability'] = vocab[int(d)],round(p.max().item(), 6)
-        else: r['label'] = json.dumps(d.tolist()) if d.numel()>1 else d.item()
+            r['label'],r['probability'] = vocab[int(d)],round(float(p.max()), 6)
+        else: r['label'] = json.dumps(d.tolist()) if d.size>1 else d.item()
         if vocab is not None and topk>1 and p.ndim==1:
-            v,ix = p.topk(min(topk, len(vocab)))
-            r['topk'] = json.dumps([[vocab[j], round(x, 6)] for j,x in zip(ix.tolist(), v.tolist())])
+            ix = np.argsort(-p, kind='stable')[:min(topk, len(vocab))]
+            r['topk'] = json.dumps([[vocab[j], round(float(p[j]), 6)] for j in ix])
         yield r
 
-def _predict(args):
-    "`fastinfer predict`: stream predictions for ITEMS to a CSV or JSONL file"
-    import contextlib, csv, sys, warnings
+def load_model(fname, device=None, backend='auto', precision=None):
+    "A `Predictor` for `fname`: a fastinfer export (`.onnx` needs no torch), or a fastai `.pkl` (which runs pickled code when loaded)"
     from pathlib import Path
-    items,out = expand_items(args.items),Path(args.out)
-    if not items: sys.exit('fastinfer predict: no items found')
-    tty,ctx = sys.stderr.isatty(),contextlib.nullcontext()
-    if Path(args.model).suffix in ('.pt', '.pt2'):
-        from fastinfer.jit import load_jit
-        p = load_jit(args.model, device=args.device or 'cpu')
-        vocab,it = p.vocab,p.iter_preds(items, args.bs, args.on_error)
-    else:
-        from fastai.learner import load_learner
-        import fastinfer.all
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            learn = load_learner(args.model, cpu=args.device in (None, 'cpu'))
-        vocab = list(map(str, learn.dls.vocab)) if hasattr(learn.dls, 'vocab') and not isinstance(learn.dls.vocab[0], (list, tuple)) else None
-        if not tty: ctx = learn.no_bar()
-        it = learn.fast_iter_preds(items, bs=args.bs, on_error='skip' if args.on_error=='skip' else 'raise',
-                                   precision=args.precision, device=args.device)
-        if args.on_error=='raise': it = ((*r, []) for r in it)
+    if Path(fname).suffix in ('.onnx', '.pt', '.pt2'):
+        from fastinfer.runtime import load
+        return load(fname, device=device or 'cpu')
+    import warnings
+    from fastai.learner import load_learner
+    from fastinfer.preds import LearnerPredictor
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        learn = load_learner(fname, cpu=device in (None, 'cpu'))
+    return LearnerPredictor(learn, backend, precision, device)
+
+def _write(it, items, out, vocab, topk)->tuple:
+    "Write the rows of `(idx, probs, dec, errors)` batches from `it` to `out` (CSV, or JSONL by its suffix): `(rows, errors)`"
+    import csv
     errors,n = [],0
-    fields = ['item', 'label', 'probability'] + (['topk'] if args.topk>1 else [])
-    with ctx, open(out, 'w', newline='') as f:
+    fields = ['item', 'label', 'probability'] + (['topk'] if topk>1 else [])
+    with open(out, 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=fields) if out.suffix!='.jsonl' else None
         if w: w.writeheader()
         for idx,probs,dec,errs in it:
             errors += errs
-            for r in _rows(idx, probs, dec, vocab, items, args.topk):
+            for r in _rows(idx, probs, dec, vocab, items, topk):
                 n += 1
                 if w: w.writerow(r)
                 else: f.write(json.dumps(r) + '\n')
+    return n,errors
+
+def _predict(args):
+    "`fastinfer predict`: stream predictions for ITEMS to a CSV, JSONL or (with `--ray`) Parquet file"
+    import contextlib, csv, sys
+    from pathlib import Path
+    items,out = expand_items(args.items),Path(args.out)
+    if not items: sys.exit('fastinfer predict: no items found')
+    if args.ray: return _predict_ray(args, items, out)
+    p = load_model(args.model, args.device, args.backend, args.precision)
+    ctx = contextlib.nullcontext()
+    if hasattr(p, 'learn'):
+        learn = p.learn
+        if not sys.stderr.isatty(): ctx = learn.no_bar()
+        it = learn.fast_iter_preds(items, bs=args.bs, on_error=args.on_error, precision=args.precision, device=args.device, backend=args.backend)
+        if args.on_error=='raise': it = ((*r, []) for r in it)
+    else: it = p.iter_preds(items, args.bs, args.on_error)
+    with ctx: n,errors = _write(it, items, out, p.vocab, args.topk)
     if errors:
         ef = out.with_name('errors.csv')
         with open(ef, 'w', newline='') as f:
             ew = csv.writer(f); ew.writerow(['index', 'item', 'error']); ew.writerows([(i, str(o), m) for i,o,m in errors])
         print(f'{len(errors)} of {len(items)} items failed: see {ef}', file=sys.stderr)
     print(f'wrote {n} rows to {out}', file=sys.stderr)
+
+def _predict_ray(args, items, out):
+    "`fastinfer predict --ray`: the same rows, computed by Ray Data actors, written as Parquet (or CSV by suffix)"
+    import sys
+    from fastinfer.distributed import ray_predict
+    ds = ray_predict([str(o) for o in items], args.model, bs=args.bs, actors=args.actors, address=args.address, topk=args.topk)
+    if out.suffix=='.csv': ds.write_csv(str(out))
+    else: ds.write_parquet(str(out))
+    print(f'wrote {len(items)} rows to {out}', file=sys.stderr)
+
+def _serve(args):
+    from fastinfer.serve import serve
+    serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+          max_body_mb=args.max_body_mb, timeout_s=args.timeout_s, api_key=args.api_key, backend=args.backend, precision=args.precision)
 
 def parser()->argparse.ArgumentParser:
     "The `fastinfer` command's argument parser"
@@ -141,16 +172,33 @@ def parser()->argparse.ArgumentParser:
     b.add_argument('--csv', help='also write the rows as CSV here')
     b.add_argument('--plot', help='also draw a bar chart of the speed-ups to this PNG')
     b.set_defaults(func=_bench)
-    pr = sub.add_parser('predict', help='predict ITEMS with a fastai .pkl or an exported .pt/.pt2, writing CSV or JSONL')
-    pr.add_argument('model', help='a fastai .pkl (load_learner), or a .pt/.pt2 from export_jit/export_program (no fastai needed)')
+    pr = sub.add_parser('predict', help='predict ITEMS with a fastai .pkl or an export (.onnx, .pt, .pt2), writing CSV, JSONL or Parquet')
+    pr.add_argument('model', help='a fastai .pkl (load_learner), or an .onnx/.pt/.pt2 export (no fastai needed; .onnx needs no torch)')
     pr.add_argument('items', nargs='+', help='image files, folders (searched recursively) or .txt files of paths')
-    pr.add_argument('-o', '--out', required=True, help='preds.csv or preds.jsonl; failures go to errors.csv beside it')
+    pr.add_argument('-o', '--out', required=True, help='preds.csv or preds.jsonl (failures go to errors.csv beside it); with --ray, preds.parquet')
     pr.add_argument('--bs', type=int, default=64, help='batch size')
-    pr.add_argument('--precision', default=None, choices=['fp32', 'bf16', 'fp16'], help='speed mode (.pkl only; default exact)')
+    pr.add_argument('--precision', default=None, choices=['fp32', 'bf16', 'fp16'], help='precision (.pkl only; default: fastai\'s)')
+    pr.add_argument('--backend', default='auto', choices=list(BACKENDS), help='model engine (.pkl only; default: measured)')
     pr.add_argument('--device', default=None, help="'cpu', 'cuda', ... (default: cpu)")
     pr.add_argument('--topk', type=int, default=1, help='also write the top K classes with their probabilities')
     pr.add_argument('--on-error', default='raise', choices=['raise', 'skip'], help='stop at a bad item (exit 1), or skip it')
+    pr.add_argument('--ray', action='store_true', help='run on Ray Data (an export file; bad items become rows with an error)')
+    pr.add_argument('--address', default=None, help="with --ray: a running cluster's address (default: start a local one)")
+    pr.add_argument('--actors', type=int, default=None, help='with --ray: model actors (default: fit the CPUs Ray reports)')
     pr.set_defaults(func=_predict)
+    s = sub.add_parser('serve', help='an HTTP service for MODEL with dynamic batching: POST /predict, /predict_batch; /health, /ready, /metrics')
+    s.add_argument('model', help='a fastinfer export (.onnx, .pt, .pt2) or a fastai .pkl (pickled code runs when loaded: trusted files only)')
+    s.add_argument('--host', default='127.0.0.1', help='bind address (0.0.0.0 exposes it to the network: set --api-key)')
+    s.add_argument('--port', type=int, default=8000)
+    s.add_argument('--max-batch', type=int, default=8, help='requests run together at most')
+    s.add_argument('--max-wait-ms', type=float, default=5, help='how long a request may wait for others to batch with')
+    s.add_argument('--max-queue', type=int, default=64, help='requests waiting at most; past it, 503 with Retry-After')
+    s.add_argument('--max-body-mb', type=float, default=20, help='largest request body; past it, 413')
+    s.add_argument('--timeout-s', type=float, default=30, help='a request not answered by then gets 504')
+    s.add_argument('--api-key', default=None, help='require `Authorization: Bearer KEY` (default: $FASTINFER_API_KEY)')
+    s.add_argument('--backend', default='auto', choices=list(BACKENDS), help='model engine (.pkl only)')
+    s.add_argument('--precision', default=None, choices=['fp32', 'bf16', 'fp16'], help='precision (.pkl only)')
+    s.set_defaults(func=_serve)
     e = sub.add_parser('evaluate', help='held-out accuracy of fp32, bf16, int8 and TTA on the real digits (trains once, cached)')
     e.add_argument('--size', type=int, default=64, help='image size')
     e.add_argument('--epochs', type=int, default=6, help='training epochs')
@@ -161,4 +209,4 @@ def main(argv=None):
     "Run the `fastinfer` command with `argv` (default: `sys.argv[1:]`); a bad item is an error message and exit status 1"
     args = parser().parse_args(argv)
     try: args.func(args)
-    except (ValueError, FileNotFoundError) as e: sys.exit(f'fastinfer {args.cmd}: {e}')
+    except (ValueError, FileNotFoundError, ImportError) as e: sys.exit(f'fastinfer {args.cmd}: {e}')

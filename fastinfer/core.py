@@ -10,27 +10,18 @@ from fastai.vision.core import PILBase
 from fastai.vision.augment import Resize, RandomResizedCrop
 from fasttransform.transform import compose_tfms
 from PIL import Image
+from .runtime import item_desc, item_message, image_size
 
 # %% auto #0
-__all__ = ['item_desc', 'ItemError', 'item_error', 'is_vision', 'InferPipes', 'size_spec', 'image_size', 'reload_learner',
-           'learner_device']
+__all__ = ['ItemError', 'item_error', 'is_vision', 'InferPipes', 'size_spec', 'reload_learner', 'learner_device']
 
 # %% ../nbs/00_core.ipynb #7a7bc9bf
-def item_desc(x)->str:
-    "Short description of item `x` for messages: its path, else its type and shape or size"
-    if isinstance(x, (str, Path)): return str(x)
-    if isinstance(x, (bytes, bytearray)): return f'{type(x).__name__} of length {len(x)}'
-    if isinstance(x, Image.Image): return f'{type(x).__name__} mode={x.mode} size={x.size}'
-    shape = getattr(x, 'shape', None)
-    return type(x).__name__ if shape is None else f'{type(x).__name__} shape={tuple(shape)} dtype={x.dtype}'
-
-# %% ../nbs/00_core.ipynb #314480d9
 class ItemError(ValueError):
     "An item the learner's pipeline could not process; the message names its index and the item"
 
 def item_error(i:int, x, e:Exception)->ItemError:
     "An `ItemError` for item `x` at index `i` that failed with `e`"
-    return ItemError(f'item {i} ({item_desc(x)}) failed: {type(e).__name__}: {e}')
+    return ItemError(item_message(i, x, e))
 
 # %% ../nbs/00_core.ipynb #526396bc
 def is_vision(dls)->bool:
@@ -120,12 +111,6 @@ def size_spec(fs)->dict:
     d = dict(size=[int(o) for o in r.size], resample=int(r.mode))
     if isinstance(r, RandomResizedCrop): return dict(kind='rrc', val_xtra=float(r.val_xtra), **d)
     return dict(kind='resize', method=str(r.method), pad_mode=str(r.pad_mode), **d)
-
-def image_size(x)->tuple:
-    "`(w, h)` of item `x`, reading only a file's header"
-    if isinstance(x, Image.Image): return x.size
-    if isinstance(x, (np.ndarray, Tensor)): return (x.shape[-2], x.shape[-3]) if x.ndim==3 and x.shape[-1] in (1,3,4) else (x.shape[-1], x.shape[-2])
-    with Image.open(io.BytesIO(x) if isinstance(x, bytes) else x) as im: return im.size
 
 # %% ../nbs/00_core.ipynb #e0f0c871
 @patch(as_prop=True)

@@ -54,28 +54,30 @@ def _best(f, n:int=3)->float:
     return min(ts)
 
 def demo(sz:int=32, epochs:int=3, bs:int=64, n_rep:int=3)->dict:
-    "Train (or load) the digits learner, then compare `fast_get_preds` with fastai's `get_preds` on held-out files"
+    "Train (or load) the digits learner, then compare `fast_get_preds` (default, `backend='torch'`, int8, bf16) with fastai's `get_preds` on held-out files"
+    import warnings
     learn = digits_learner(sz=sz, epochs=epochs)
-    _,held = digits_files(sz=sz)
+    trn,held = digits_files(sz=sz)
     y = tensor([learn.dls.vocab.o2i[f.parent.name] for f in held])
-    with learn.no_bar():
-        ref = learn.get_preds(dl=learn.dls.test_dl(held, bs=bs))[0]
-        res = learn.fast_get_preds(held, bs=bs)[0]
-        t_fa = _best(lambda: learn.get_preds(dl=learn.dls.test_dl(held, bs=bs)), n_rep)
-        t_fi = _best(lambda: learn.fast_get_preds(held, bs=bs), n_rep)
-        bf = learn.fast_get_preds(held, bs=bs, precision='bf16')[0]
-        t_bf = _best(lambda: learn.fast_get_preds(held, bs=bs, precision='bf16'), n_rep)
-    acc = lambda p: (p.argmax(1)==y).float().mean().item()
-    return dict(n=len(held), acc_fastai=acc(ref), acc_fastinfer=acc(res), acc_bf16=acc(bf), ips_fastai=len(held)/t_fa, ips_fastinfer=len(held)/t_fi,
-                ips_bf16=len(held)/t_bf, speedup=t_fa/t_fi, max_dp=(ref-res).abs().max().item(), max_dp_bf16=(ref-bf).abs().max().item(),
-                agree_bf16=(bf.argmax(1)==ref.argmax(1)).float().mean().item())
+    ql = learn.quantize(trn[:256], bs=bs)
+    with learn.no_bar(), ql.no_bar(), warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter('always')
+        fs = {'fastai': lambda: learn.get_preds(dl=learn.dls.test_dl(held, bs=bs))[0], 'default': lambda: learn.fast_get_preds(held, bs=bs)[0],
+              'torch': lambda: learn.fast_get_preds(held, bs=bs, backend='torch')[0], 'int8': lambda: ql.fast_get_preds(held, bs=bs)[0],
+              'bf16': lambda: learn.fast_get_preds(held, bs=bs, precision='bf16')[0]}
+        preds = {k: f() for k,f in fs.items()}
+        ts = {k: _best(f, n_rep) for k,f in fs.items()}
+    fell_back = any("precision='bf16' falls back" in str(w.message) for w in ws)
+    ref = preds['fastai']
+    return dict(n=len(held), sz=sz, backend=learn.fast_backend()[(None, 'cpu', bs)]['backend'], bf16_fell_back=fell_back,
+                rows={k: dict(acc=(p.argmax(1)==y).float().mean().item(), ips=len(held)/ts[k], speedup=ts['fastai']/ts[k],
+                              max_dp=(p-ref).abs().max().item(), agree=(p.argmax(1)==ref.argmax(1)).float().mean().item()) for k,p in preds.items()})
 
 def demo_table(r:dict)->str:
     "The demo's result `r` as a small markdown table"
-    return '\n'.join([f"{r['n']} held-out digits, resnet18 (random init, trained here) at 32 px, bs 64, {defaults.cpus} CPU threads",
-        '', '| | accuracy | img/s |', '|---|---|---|',
-        f"| fastai `get_preds(dl=test_dl(files))` | {r['acc_fastai']:.4f} | {r['ips_fastai']:.0f} |",
-        f"| fastinfer `fast_get_preds(files)` | {r['acc_fastinfer']:.4f} | {r['ips_fastinfer']:.0f} |",
-        f"| fastinfer `fast_get_preds(files, precision='bf16')` | {r['acc_bf16']:.4f} | {r['ips_bf16']:.0f} |",
-        '', f"exact: speed-up {r['speedup']:.2f}x, max |Δp| {r['max_dp']:.1e}; "
-        f"bf16: speed-up {r['ips_bf16']/r['ips_fastai']:.2f}x, max |Δp| {r['max_dp_bf16']:.1e}, top-1 agreement {r['agree_bf16']:.2%}"])
+    names = {'fastai': "fastai `get_preds(dl=test_dl(files))`", 'default': f"fastinfer `fast_get_preds(files)` (auto: {r['backend']})",
+             'torch': "fastinfer `fast_get_preds(files, backend='torch')`", 'int8': "fastinfer int8 (`quantize`, ONNX Runtime)",
+             'bf16': "fastinfer `fast_get_preds(files, precision='bf16')`" + (' (fell back to fp32: no native bf16)' if r['bf16_fell_back'] else '')}
+    rows = [f"| {names[k]} | {v['acc']:.4f} | {v['ips']:.0f} | {v['speedup']:.2f}x | {v['max_dp']:.1e} |" for k,v in r['rows'].items()]
+    return '\n'.join([f"{r['n']} held-out digits, resnet18 (random init, trained here) at {r['sz']} px, bs 64, {defaults.cpus} CPU threads",
+        '', '| | accuracy | img/s | vs fastai | max \\|Δp\\| |', '|---|---|---|---|---|'] + rows)

@@ -29,8 +29,8 @@ def evaluate(sz:int=64, epochs:int=6, bs:int=64, tta_n:int=4)->list:
     with learn.no_bar(), ql.no_bar():
         fa,ips = timed(lambda: learn.get_preds(dl=learn.dls.test_dl(held, bs=bs))[0])
         rows = [('fastai get_preds (fp32)', fa, ips)]
-        for name,f in [('fastinfer exact', lambda: learn.fast_get_preds(held, bs=bs, compile=False)[0]),
-                       ('fastinfer bf16', lambda: learn.fast_get_preds(held, bs=bs, precision='bf16', compile=False)[0]),
+        for name,f in [('fastinfer exact', lambda: learn.fast_get_preds(held, bs=bs)[0]),
+                       ('fastinfer bf16', lambda: learn.fast_get_preds(held, bs=bs, precision='bf16')[0]),
                        ('fastinfer int8 (quantize)', lambda: ql.fast_get_preds(held, bs=bs)[0]),
                        (f'fastinfer TTA (n={tta_n}, beta=0.25)', lambda: learn.fast_tta(held, n=tta_n, bs=bs)[0])]:
             rows.append((name,)+timed(f))

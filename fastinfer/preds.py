@@ -4,19 +4,20 @@
 
 # %% ../nbs/01_preds.ipynb #6aebd954
 from __future__ import annotations
-import math, time, warnings
+import math, queue, threading, time, warnings
 from torch.utils.data import DataLoader as TorchDL, Dataset
 from fastai.basics import *
 from fastai.callback.progress import ProgressCallback
 from .core import *
 from .engine import *
-from .jit import points_to_orig, mask_to_orig
+from .runtime import Predictor, points_to_orig, mask_to_orig, image_size, BACKENDS
 from fastai.vision.core import TensorPoint, TensorMask
 from fastprogress.fastprogress import progress_bar
 from PIL import Image
 
 # %% auto #0
-__all__ = ['Batch', 'WORKER_TIMEOUT', 'NW_MIN_ITEMS', 'Failed', 'ItemsDataset', 'fast_batches', 'auto_workers']
+__all__ = ['Batch', 'WORKER_TIMEOUT', 'NW_MIN_ITEMS', 'Failed', 'ItemsDataset', 'prefetch', 'fast_batches', 'auto_workers',
+           'LearnerPredictor']
 
 # %% ../nbs/01_preds.ipynb #f2c489ce
 class Failed:
@@ -47,13 +48,39 @@ Batch.__doc__ = "`n` items from index `start`: batch `b` (after `after_batch`, o
 
 WORKER_TIMEOUT = 120 # seconds a decoding worker may take over one batch before the run stops with an error
 
+def prefetch(gen, n:int=1):
+    "Run generator `gen` in a thread, `n` results ahead, in order; its exceptions are raised here; it stops when the consumer does"
+    q,stop = queue.Queue(n),threading.Event()
+    def put(o):
+        while not stop.is_set():
+            try: return q.put(o, timeout=0.1)
+            except queue.Full: pass
+    def work():
+        try:
+            for o in gen:
+                put((True, o))
+                if stop.is_set(): return
+            put((None, None))
+        except BaseException as e: put((False, e))
+    threading.Thread(target=work, daemon=True, name='fastinfer-prefetch').start()
+    try:
+        while True:
+            ok,o = q.get()
+            if ok is None: return
+            if not ok: raise o
+            yield o
+    finally: stop.set()
+
 def fast_batches(items, pipes:InferPipes, bs:int=64, num_workers:int=0, device=None, fast_decode:bool=False, skip:bool=False):
-    "`Batch`es of `items` in input order, decoded in `num_workers` processes; `skip` failed items instead of raising"
+    "`Batch`es of `items` in input order, decoded in `num_workers` processes, or a thread one batch ahead; `skip` failed items instead of raising"
     ds,coll = ItemsDataset(items, pipes, fast_decode, skip),partial(_collate, pipes)
     if num_workers:
         it = TorchDL(ds, batch_size=bs, num_workers=num_workers, collate_fn=coll, timeout=WORKER_TIMEOUT,
                      pin_memory=torch.device(device or 'cpu').type=='cuda')
-    else: it = (coll([ds[j] for j in range(i, min(i+bs, len(ds)))]) for i in range(0, len(ds), bs))
+    else:
+        it = (coll([ds[j] for j in range(i, min(i+bs, len(ds)))]) for i in range(0, len(ds), bs))
+        # Pillow's decoding and the model (torch, ONNX Runtime) release the GIL: decode the next batch meanwhile
+        if len(ds) > bs: it = prefetch(it)
     it,k = iter(it),0
     while True:
         try: b,good,failed = next(it)
@@ -100,20 +127,22 @@ def _fill(x, n:int, good:list, like):
     return retain_type(out, t)
 
 @patch
-def _fast_iter(self:Learner, items, bs=64, act=None, device=None, num_workers=None, precision=None, compile=None,
+def _fast_iter(self:Learner, items, bs=64, act=None, device=None, num_workers=None, precision=None, compile=None, backend='auto',
                fast_decode=False, on_error='raise', bar=False, pipes=None):
     "Yield `(batch, xb, preds)` in input order: `xb` on `device`, `preds` activated, fp32, on the CPU, for the good rows"
     if on_error not in ('raise', 'skip'): raise ValueError(f"on_error={on_error!r}: expected 'raise' or 'skip'")
+    if backend not in BACKENDS: raise ValueError(f'backend={backend!r}: expected one of {BACKENDS}')
     pipes,device = pipes or self.fast_pipes,learner_device(self, device)
-    if getattr(self, 'fast_int8', False): compile = False  # quantized graphs run eager: see `quantize`
+    check_precision(precision, device)
     if act is None: act = getcallable(self.loss_func, 'activation')
     if num_workers is None: num_workers = auto_workers(len(items), bs, device)
-    eager,n_left = self.fast_engine(precision, device),math.ceil(len(items)/bs)
-    fixed = pipes.fixed_size
-    if compile and not fixed: warnings.warn('fastinfer: compile=True ignored: the item transforms give images of varying size')
-    cached = (precision, str(device), True, bs) in self.__dict__.get('_fi_engines', {})
-    eng = self.fast_engine(precision, device, True, bs) if fixed and (compile or (compile is None and cached)) else eager
-    bench = torch.backends.cudnn.benchmark
+    fixed,n_left = pipes.fixed_size,math.ceil(len(items)/bs)
+    if compile and backend in ('auto', 'compile'): backend = 'compile'  # `compile=True`, the older spelling
+    if backend=='compile' and not fixed:
+        warnings.warn('fastinfer: compiling ignored: the item transforms give images of varying size'); backend = 'torch'
+    # a graph compiled ahead (`fast_prepare(compile=True)`) is used by later calls
+    if backend=='auto' and compile is None and fixed and ('compile', precision, str(device), bs) in self.__dict__.get('_fi_engines', {}): backend = 'compile'
+    bench,eng = torch.backends.cudnn.benchmark,None
     if device.type=='cuda' and fixed: torch.backends.cudnn.benchmark = True
     # as fastai's validation, the model is left in eval mode (switching back could race with another thread)
     if self.model.training: self.model.eval()
@@ -127,12 +156,13 @@ def _fast_iter(self:Learner, items, bs=64, act=None, device=None, num_workers=No
                     yield bt,None,None
                     continue
                 xb = bt.b[:pipes.n_inp]
+                if eng is None: eng = self.fast_select(xb, backend, precision, device, bs)
                 t0 = time.perf_counter()
                 out = eng(xb)
                 n_left -= 1
-                if eng is eager and compile is None and n_left:
+                if eng.name=='torch' and backend=='auto' and compile is None and n_left:
                     _sync(device)
-                    if should_compile(None, time.perf_counter()-t0, n_left, fixed): eng = self.fast_engine(precision, device, True, bs)
+                    if should_compile(None, time.perf_counter()-t0, n_left, fixed): eng = self.fast_engine('compile', eng.precision, device, bs)
                 yield bt,xb,to_detach(act(out))
     finally:
         torch.backends.cudnn.benchmark = bench
@@ -141,7 +171,7 @@ def _fast_iter(self:Learner, items, bs=64, act=None, device=None, num_workers=No
 @patch
 def _fast_like(self:Learner, precision=None, device=None)->tuple:
     "One row of input and of prediction, to shape the output of a batch whose every item failed"
-    (bt,xb,pr), = self._fast_iter([Image.new('RGB', (64,64))], 1, precision=precision, device=device, num_workers=0)
+    (bt,xb,pr), = self._fast_iter([Image.new(self.fast_pipes.modes[0], (64,64))], 1, precision=precision, device=device, num_workers=0, backend='torch')
     return to_detach(xb),pr
 
 # %% ../nbs/01_preds.ipynb #a76bbea0
@@ -164,7 +194,7 @@ def fast_iter_preds(self:Learner,
     items, # Items: paths, PIL images, HWC uint8 arrays or tensors, encoded bytes
     bs:int=64, # Batch size
     on_error:str='raise', # 'raise': stop at a bad item, naming it; 'skip': NaN/-1 rows and a 4th element of errors
-    **kwargs # `act`, `device`, `num_workers`, `precision`, `compile`, `fast_decode`, as in `fast_get_preds`
+    **kwargs # `act`, `device`, `num_workers`, `precision`, `backend`, `compile`, `fast_decode`, as in `fast_get_preds`
 ):
     "Yield `(indices, preds, decoded)` a batch at a time, in input order, with flat memory however many items"
     if not is_vision(self.dls): raise NotImplementedError('fast_iter_preds needs a vision learner: use fast_get_preds')
@@ -190,8 +220,9 @@ def fast_get_preds(self:Learner,
     act=None, # Activation; defaults to `loss_func.activation`
     device=None, # Device to run on; defaults to the model's
     num_workers:int=None, # Worker processes that decode items while the model runs; `None`: `auto_workers`
-    precision:str=None, # `None` (exact, as fastai), 'fp32', 'bf16' (CPU or CUDA) or 'fp16' (CUDA)
-    compile:bool=None, # `torch.compile` the model: `None` when the call is long enough to pay for it (`should_compile`)
+    precision:str=None, # `None` (fastai's arithmetic), 'fp32', 'bf16' (where it is faster) or 'fp16' (CUDA)
+    backend:str='auto', # 'auto' (measured on the first batch), 'torch' (bit-identical to fastai), 'compile' or 'onnxruntime'
+    compile:bool=None, # `True`: as `backend='compile'`; `None`: compile long calls where 'auto' chose torch; `False`: never
     fast_decode:bool=False, # Decode large JPEGs at reduced scale before the exact `Resize` (changes pixels)
     on_error:str='raise', # 'raise': stop at a bad item, naming it; 'skip': NaN/-1 rows and a last element of `(index, item, message)`
     orig_size:bool=False, # With `fully_decoded`: points in source-image pixels, masks at the source size, undoing `Resize`
@@ -205,7 +236,7 @@ def fast_get_preds(self:Learner,
         return self._fallback_preds(items, bs, with_input, with_decoded, fully_decoded, act)
     decodes,like = getcallable(self.loss_func, 'decodes'),None
     inps,preds,decs,full,errors = [],[],[],[],[]
-    for bt,xb,p in self._fast_iter(items, bs, act, device, num_workers, precision, compile, fast_decode, on_error, bar=_bar(self)):
+    for bt,xb,p in self._fast_iter(items, bs, act, device, num_workers, precision, compile, backend, fast_decode, on_error, bar=_bar(self)):
         if p is None and like is None: like = self._fast_like(precision, device)
         dec = None if p is None else decodes(p)
         pf,df = _fill_rows(bt, p, dec, like, decodes)
@@ -227,8 +258,8 @@ def fast_get_preds(self:Learner,
 def _to_orig(o, r, sz):
     "Fully decoded point or mask output `o` mapped from the resized image back to the source of size `sz`"
     if r is None: return o
-    if isinstance(o, TensorPoint): return retain_type(points_to_orig(torch.Tensor(o), r, *sz), o)
-    if isinstance(o, TensorMask): return retain_type(mask_to_orig(torch.Tensor(o), r, *sz), o)
+    if isinstance(o, TensorPoint): return retain_type(torch.from_numpy(points_to_orig(torch.Tensor(o).numpy(), r, *sz)), o)
+    if isinstance(o, TensorMask): return retain_type(torch.from_numpy(mask_to_orig(torch.Tensor(o).numpy(), r, *sz)), o)
     raise ValueError(f'orig_size=True maps points and masks; this learner decodes to {type(o).__name__}')
 
 # %% ../nbs/01_preds.ipynb #87181213
@@ -251,32 +282,58 @@ def fast_predict(self:Learner,
     item, # One item: a path, PIL image, HWC uint8 array or tensor, or encoded bytes
     with_input:bool=False, # Also return the decoded input, first
     device=None, # Device to run on; defaults to the model's
-    precision:str=None, # `None` (exact, as fastai), 'fp32', 'bf16' or 'fp16'
-    compile:bool=None, # Use a compiled bs=1 model: `None` if `fast_prepare` built one
+    precision:str=None, # `None` (fastai's arithmetic), 'fp32', 'bf16' or 'fp16'
+    backend:str='auto', # 'auto' (measured on the first call), 'torch', 'compile' or 'onnxruntime'
+    compile:bool=None, # Use a compiled bs=1 model: `None` if `fast_prepare(compile=True)` built one
 ):
     "What `predict(item)` returns: `(decoded, decoded preds, preds)`"
     if not is_vision(self.dls):
         self._warn_fallback()
         with self.no_bar(): return self.predict(item, with_input=True) if with_input else self.predict(item)
-    (_,xb,preds), = self._fast_iter([item], bs=1, device=device, num_workers=0, precision=precision, compile=compile)
+    (_,xb,preds), = self._fast_iter([item], bs=1, device=device, num_workers=0, precision=precision, compile=compile, backend=backend)
     dec_preds = getcallable(self.loss_func, 'decodes')(preds)
     if with_input:
         with self.fast_pipes.lock: dec = self.dls.decode_batch(tuplify(to_detach(xb)) + tuplify(dec_preds))[0]
         return detuplify(dec[:self.dls.n_inp]),detuplify(dec[self.dls.n_inp:]),dec_preds[0],preds[0]
     return self._full_decode(xb, dec_preds)[0],dec_preds[0],preds[0]
 
+# %% ../nbs/01_preds.ipynb #9c4e1d27
+class LearnerPredictor(Predictor):
+    "A `Learner` behind the interface of `fastinfer.runtime.Predictor`, running `backend` at `precision`"
+    def __init__(self, learn:Learner, backend:str='auto', precision=None, device=None):
+        from fastinfer.export import learner_spec
+        self.learn,self.backend_arg,self.precision,self.device = learn,backend,precision,learner_device(learn, device)
+        super().__init__(None, learner_spec(learn))
+        self.pipes = learn.fast_pipes
+
+    @property
+    def backend(self)->str:
+        c = first(self.learn.fast_backend().values())
+        return c['backend'] if self.backend_arg=='auto' and c else self.backend_arg
+
+    def prep(self, x): return self.pipes.item(x)
+
+    def run(self, samples:list)->np.ndarray:
+        p,learn = self.pipes,self.learn
+        act = getcallable(learn.loss_func, 'activation')
+        with torch.inference_mode():
+            xb = p.batch(p.collate(samples), self.device)[:p.n_inp]
+            out = learn.fast_select(xb, self.backend_arg, self.precision, self.device, len(samples))(xb)
+            return to_float(act(out)).cpu().numpy()
+
 # %% ../nbs/01_preds.ipynb #e615d09a
 @patch
 def fast_prepare(self:Learner,
-    bs=(1,64), # Batch size(s) to compile for: 1 serves `fast_predict`
+    bs=(1,64), # Batch size(s) to prepare: 1 serves `fast_predict`
     precision:str=None, # Precision mode, as in `fast_get_preds`
     device=None, # Device; defaults to the model's
+    compile:bool=False, # Compile torch graphs for each batch size, instead of the measured choice
 ):
-    "Compile and warm up the model for each batch size in `bs` ahead of time, as a service does at start-up"
+    "Choose (or compile) and warm up the backend for each batch size in `bs` ahead of time, as a service does at start-up"
     pipes,device = self.fast_pipes,learner_device(self, device)
-    if not pipes.fixed_size: raise ValueError("fast_prepare needs item transforms that give one image size (a `Resize`), to compile for it")
-    x = pipes.item(Image.new('RGB', (64,64)))
+    if compile and not pipes.fixed_size: raise ValueError("compiling needs item transforms that give one image size (a `Resize`)")
+    x = pipes.item(Image.new(pipes.modes[0], (64,64)))
     for n in tuplify(bs):
         xb = pipes.batch(pipes.collate([x]*n), device)[:pipes.n_inp]
-        with torch.inference_mode(): self.fast_engine(precision, device, True, n)(xb)
+        with torch.inference_mode(): self.fast_select(xb, 'compile' if compile else 'auto', precision, device, n)(xb)
     return self

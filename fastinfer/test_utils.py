@@ -10,10 +10,10 @@ from PIL import Image
 from .core import reload_learner
 
 # %% auto #0
-__all__ = ['KINDS', 'synth_images', 'tiny_cnn', 'synth_dls', 'synth_learner', 'odd_items', 'odd_corpus']
+__all__ = ['KINDS', 'synth_images', 'tiny_cnn', 'synth_dls', 'synth_learner', 'unet_synth', 'NoExport', 'odd_items', 'odd_corpus']
 
 # %% ../nbs/02_test_utils.ipynb #6b3f0818
-KINDS = ('single', 'multi', 'regression', 'points', 'segmentation', 'bw', 'rrc')
+KINDS = ('single', 'multi', 'regression', 'points', 'segmentation', 'bw', 'rrc', 'presize')
 
 # %% ../nbs/02_test_utils.ipynb #e7a162cd
 def synth_images(path, n:int=40, seed:int=0, sizes=((56,72),(64,48),(80,80),(50,90))):
@@ -53,6 +53,8 @@ def synth_dls(kind:str, df, sz:int=40, bs:int=8):
     elif kind=='segmentation': blocks,get_y = (ImageBlock, MaskBlock(['bg','r','g','b'])),lambda f: row[f]['mask']
     elif kind=='bw': blocks,get_y,item_tfms,batch_tfms = (ImageBlock(PILImageBW), CategoryBlock),lambda f: row[f]['color'],Resize(sz, method='squish'),[]
     elif kind=='rrc': blocks,get_y,item_tfms = (ImageBlock, CategoryBlock),lambda f: row[f]['color'],RandomResizedCrop(sz, min_scale=0.35)
+    # the fastai book's presizing: a large `Resize` per item, then `aug_transforms(size=..)` crops and resamples on the batch
+    elif kind=='presize': blocks,get_y,item_tfms,batch_tfms = (ImageBlock, CategoryBlock),lambda f: row[f]['color'],Resize(2*sz),aug_transforms(size=sz, min_scale=0.75)
     else: raise ValueError(f'unknown kind {kind!r}: expected one of {KINDS}')
     return DataBlock(blocks=blocks, get_y=get_y, splitter=RandomSplitter(0.25, seed=0), item_tfms=item_tfms,
                      batch_tfms=batch_tfms).dataloaders(list(df.fn), bs=bs, num_workers=0)
@@ -75,6 +77,26 @@ def synth_learner(kind:str='single', path=None, n:int=40, sz:int=40, epochs:int=
         with learn.no_bar(), learn.no_logging(): learn.fit(epochs, 1e-2)
     learn.export(path/f'{kind}.pkl')
     return reload_learner(path/f'{kind}.pkl'),list(df.fn)
+
+def unet_synth(path=None, n:int=16, sz:int=64)->tuple:
+    "A `unet_learner` (resnet18, random init) segmenting the synthetic images at `sz` px, exported and reloaded, and its files"
+    path = Path(path or tempfile.mkdtemp(prefix='fastinfer-'))
+    set_seed(0, reproducible=True)
+    df = synth_images(path/'images', n=n)
+    unet_learner(synth_dls('segmentation', df, sz=sz), resnet18, pretrained=False, n_out=4).export(path/'unet.pkl')
+    return reload_learner(path/'unet.pkl'),list(df.fn)
+
+class _NoOnnx(torch.autograd.Function):
+    "An op with no ONNX translation"
+    @staticmethod
+    def forward(ctx, x): return x.clone()
+    @staticmethod
+    def symbolic(g, x): raise RuntimeError('this op has no ONNX translation')
+
+class NoExport(nn.Module):
+    "`model`, with an op that does not export to ONNX: to test that fastinfer falls back, or refuses, with a clear message"
+    def __init__(self, model): super().__init__(); self.model = model
+    def forward(self, x): return self.model(_NoOnnx.apply(x))
 
 # %% ../nbs/02_test_utils.ipynb #2e6d310a
 def odd_items(files)->list:

@@ -128,27 +128,27 @@ def test_streaming_memory_flat(tmp_path):
 def test_orig_size_geometry(kind, W, H, root):
     "a dot drawn at a known source position, found in fastai's resized image, maps back to where it was drawn"
     from conftest import learner
-    from fastinfer.jit import points_to_orig
+    from fastinfer.runtime import points_to_orig, region
     learn,_ = learner(kind, root)
     p,r = learn.fast_pipes,size_spec(learn.fast_pipes.after_item)
     for x,y in [(W//2-3, H//2+2), (W//3, H//3+4)]:
         a = np.zeros((H,W,3), np.uint8); a[y:y+3, x:x+3] = 255
         t = p.item(Image.fromarray(a) if kind!='bw' else Image.fromarray(a).convert('L'))[0].float().sum(0)
         py,px = divmod(t.argmax().item(), t.shape[1])
-        got = points_to_orig(torch.tensor([px+0.5, py+0.5]), r, W, H)
-        l,tp,sx,sy = __import__('fastinfer.jit', fromlist=['region']).region(r, W, H)
+        got = torch.from_numpy(points_to_orig([px+0.5, py+0.5], r, W, H))
+        l,tp,sx,sy = region(r, W, H)
         assert (got-torch.tensor([x+1.5, y+1.5])).abs().max() <= 1.5*max(sx, sy)+1, (kind, W, H, x, y, got)
 
 def test_orig_size_outputs(root):
     from conftest import learner
-    from fastinfer.jit import points_to_orig
+    from fastinfer.runtime import points_to_orig, region
     learn,files = learner('points', root)
     a = learn.fast_get_preds(files[:4], fully_decoded=True)[-1]
     b = learn.fast_get_preds(files[:4], fully_decoded=True, orig_size=True)[-1]
     r = size_spec(learn.fast_pipes.after_item)
     for f,pa,pb in zip(files, a, b):
         W,H = Image.open(f).size
-        close(pb, points_to_orig(torch.Tensor(pa), r, W, H), eps=1e-5); eq(type(pb), type(pa))
+        close(pb, torch.from_numpy(points_to_orig(torch.Tensor(pa).numpy(), r, W, H)), eps=1e-5); eq(type(pb), type(pa))
     learn,files = learner('segmentation', root)
     m = learn.fast_get_preds(files[:3], fully_decoded=True, orig_size=True)[-1]
     for f,mk in zip(files, m): eq(tuple(mk.shape), Image.open(f).size[::-1])

@@ -1,10 +1,11 @@
-"quantize (static int8, FX graph mode) and fast_tta (fastai's tta formula, seeded)"
+"quantize (ONNX Runtime static int8) and fast_tta (fastai's tta formula, seeded)"
 import pytest, torch
 from torch import nn
 from fastai.vision.all import Learner
 from fastcore.test import test_eq as eq, test_close as close
 from fastinfer.all import *
-from fastinfer.quant import _is_int8
+from fastinfer.quant import _has_int8
+from fastinfer.engine import OrtModule
 
 @pytest.fixture(scope='module')
 def qsingle(single): return single[0].quantize(single[1][:32], n_batches=2, bs=16)
@@ -13,24 +14,29 @@ def test_quantize_new_learner(single, qsingle):
     learn,files = single
     w = [p.detach().clone() for p in learn.model.parameters()]
     ql = qsingle
-    assert ql is not learn and _is_int8(ql.model) and not _is_int8(learn.model)
+    assert ql is not learn and isinstance(ql.model, OrtModule) and _has_int8(ql.model.onnx) and not isinstance(learn.model, OrtModule)
     for a,b in zip(w, learn.model.parameters()): eq(a, b.detach())
-    p32,p8 = learn.fast_get_preds(files)[0],ql.fast_get_preds(files, compile=True)[0]
+    p32,p8 = learn.fast_get_preds(files)[0],ql.fast_get_preds(files)[0]
     assert (p32-p8).abs().max() < 0.2 and (p32.argmax(1)==p8.argmax(1)).float().mean() >= 0.9
     eq(ql.fast_predict(files[0])[1], p8[0].argmax())
+    # fastai's own get_preds runs the same int8 model
+    with ql.no_bar(): close(ql.get_preds(dl=ql.dls.test_dl(files, bs=16))[0], p8, eps=1e-5)
 
 def test_quantized_export(qsingle, single, tmp_path):
     ql,(_,files) = qsingle,single
-    p = load_jit(ql.export_jit(tmp_path/'q.pt', example_items=files[:4]))
-    close(p.get_preds(files)[0], ql.fast_get_preds(files)[0], eps=1e-4)
+    p = load(ql.export_onnx(tmp_path/'q.onnx', example_items=files[:4]))
+    eq(p.spec['precision'], 'int8')
+    close(torch.from_numpy(p.get_preds(files)[0]), ql.fast_get_preds(files)[0], eps=1e-2)
+    eq(p.get_preds(files)[1], ql.fast_get_preds(files, with_decoded=True)[2].numpy())
+    with pytest.raises(ValueError, match='export it with export_onnx'): ql.export_jit(tmp_path/'q.pt')
 
 def test_quantize_refuses(single):
+    from fastinfer.test_utils import NoExport
     learn,files = single
-    class Branchy(nn.Module):
-        def forward(self, x): return x.mean((2,3)) if x.sum() > 0 else -x.mean((2,3))
-    with pytest.raises(ValueError, match='cannot quantize Branchy'): Learner(learn.dls, Branchy(), loss_func=learn.loss_func).quantize(files[:8])
+    bad = Learner(learn.dls, NoExport(learn.model), loss_func=learn.loss_func)
+    with pytest.raises(ValueError, match='cannot quantize NoExport: it does not export to ONNX'): bad.quantize(files[:8])
     flat = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    with pytest.raises(ValueError, match='no module of it has an int8 kernel'): Learner(learn.dls, flat, loss_func=learn.loss_func).quantize(files[:8])
+    with pytest.raises(ValueError, match='no layer of it has an int8 kernel'): Learner(learn.dls, flat, loss_func=learn.loss_func).quantize(files[:8])
 
 def test_tta(single):
     learn,files = single

@@ -7,18 +7,20 @@ from fastinfer.all import *
 
 def agree(a, b): return (a.argmax(1)==b.argmax(1)).float().mean().item()
 
-def test_bf16(single):
+def test_bf16(single, monkeypatch):
+    "the bf16 engine itself (forced as if this CPU had native bf16 and bf16 were faster): near answers, learner untouched"
     learn,files = single
-    ref = learn.fast_get_preds(files)[0]
+    ref = learn.fast_get_preds(files, backend='torch')[0]
     w = [p.detach().clone() for p in learn.model.parameters()]
-    res = learn.fast_get_preds(files, bs=16, precision='bf16')[0]
+    monkeypatch.setattr(engine, 'native_bf16', lambda: True)
+    res = learn.fast_get_preds(files, bs=16, precision='bf16', backend='torch')[0]
     eq(res.dtype, torch.float32)
     assert (res-ref).abs().max() < 0.05 and agree(res, ref) >= 0.95
     # the learner's own model is not converted: fastai's path and the exact path are unchanged
     for a,b in zip(w, learn.model.parameters()): eq(a, b.detach())
     assert all(p.is_contiguous() for p in learn.model.parameters())  # not converted to channels_last
-    eq(learn.fast_get_preds(files)[0], ref)
-    p = learn.fast_predict(files[0], precision='bf16')
+    eq(learn.fast_get_preds(files, backend='torch')[0], ref)
+    p = learn.fast_predict(files[0], precision='bf16', backend='torch')
     close(p[2], ref[0], eps=0.05)
 
 def test_bad_precision(single):
@@ -33,11 +35,11 @@ def test_compiled_parity(single):
     res = learn.fast_get_preds(files, bs=16, with_decoded=True, compile=True)
     assert len(files)%16, 'the last batch must be short to test padding'
     close(res[0], ref[0], eps=1e-5); eq(res[2], ref[2])
-    assert learn._fi_engines[(None, 'cpu', True, 16)].warm
-    learn.fast_prepare(bs=1)
+    assert learn._fi_engines[('compile', None, 'cpu', 16)].warm
+    learn.fast_prepare(bs=1, compile=True)
     with learn.no_bar(): p = learn.predict(files[0])
     r = learn.fast_predict(files[0])
-    assert learn._fi_engines[(None, 'cpu', True, 1)].warm
+    assert learn._fi_engines[('compile', None, 'cpu', 1)].warm
     close(r[2], p[2], eps=1e-5); eq(r[0], p[0])
 
 def test_compile_failure_falls_back(single, monkeypatch):
@@ -47,17 +49,20 @@ def test_compile_failure_falls_back(single, monkeypatch):
         def f(*a): raise RuntimeError('no compiler here')
         return f
     monkeypatch.setattr(torch, 'compile', broken)
-    ref = learn.fast_get_preds(files, compile=False)[0]
+    ref = learn.fast_get_preds(files, backend='torch')[0]
     with pytest.warns(UserWarning, match='torch.compile failed.*no compiler here.*running eager'):
         res = learn.fast_get_preds(files, bs=16, compile=True)[0]
     eq(res, ref)
     learn.fast_reset()
 
 def test_auto_compile_policy(single, monkeypatch):
-    "`compile=None` compiles only when the eager time still ahead outweighs the compile cost"
+    "where 'auto' chose eager torch, `compile=None` compiles only when the eager time still ahead outweighs the compile cost"
     learn,files = single
     monkeypatch.setattr(torch, 'compile', lambda m, **kw: m)
-    key = (None, 'cpu', True, 8)
+    def no_onnx(*a, **kw): raise RuntimeError('no ONNX Runtime here')
+    monkeypatch.setattr(engine, 'OnnxBackend', no_onnx)
+    warnings.simplefilter('ignore')
+    key = ('compile', None, 'cpu', 8)
     learn.fast_reset(); monkeypatch.setattr(engine, 'COMPILE_S', 1e9)
     learn.fast_get_preds(files, bs=8)
     assert key not in learn._fi_engines
@@ -70,7 +75,7 @@ def test_compile_needs_fixed_size(single):
     learn,files = single
     learn.fast_pipes._fixed = False
     try:
-        with pytest.warns(UserWarning, match='compile=True ignored'): learn.fast_get_preds(files[:3], compile=True)
+        with pytest.warns(UserWarning, match='compiling ignored'): learn.fast_get_preds(files[:3], compile=True)
     finally: del learn.fast_pipes._fixed
     assert learn.fast_pipes.fixed_size
 

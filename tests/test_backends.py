@@ -1,0 +1,104 @@
+"backend='auto': the measured choice, its fallbacks (export fails, parity probe fails), bf16 by CPU capability; no timing asserted"
+import subprocess, sys, warnings, pytest, torch
+import fastinfer.engine as engine
+from fastai.vision.all import Learner
+from fastcore.test import test_eq as eq, test_close as close
+from fastinfer.all import *
+from fastinfer.test_utils import NoExport
+
+def test_auto_choice_reported(single):
+    learn,files = single
+    learn.fast_reset()
+    ref = learn.fast_get_preds(files, backend='torch')[0]
+    res = learn.fast_get_preds(files, bs=16)[0]
+    close(res, ref, eps=1e-5)
+    c = learn.fast_backend()[(None, 'cpu', 16)]
+    assert c['backend'] in ('torch', 'onnxruntime') and set(c['ms_per_item'])=={'torch', 'onnxruntime'}
+    assert c['max_dp']['onnxruntime'] <= engine.PARITY and c['dropped']=={}
+    eq(c['backend'], min(c['ms_per_item'], key=c['ms_per_item'].get))  # the faster one
+    close(learn.fast_get_preds(files, backend='onnxruntime')[0], ref, eps=1e-5)
+    with pytest.raises(ValueError, match="backend='tensorrt': expected one of"): learn.fast_get_preds(files, backend='tensorrt')
+
+def test_export_failure_falls_back(single):
+    "a model with an op that does not export to ONNX: 'auto' drops ONNX Runtime with one warning, answers unchanged"
+    learn,files = single
+    bad = Learner(learn.dls, NoExport(learn.model), loss_func=learn.loss_func)
+    with pytest.warns(UserWarning, match="backend 'onnxruntime' dropped for NoExport.*no ONNX translation"): res = bad.fast_get_preds(files)[0]
+    eq(res, learn.fast_get_preds(files, backend='torch')[0])
+    c = bad.fast_backend()[(None, 'cpu', 64)]
+    eq(c['backend'], 'torch'); assert 'no ONNX translation' in c['dropped']['onnxruntime']
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        bad.fast_predict(files[0])  # warned once per learner
+    with pytest.raises(RuntimeError, match='no ONNX translation'): bad.fast_get_preds(files, backend='onnxruntime')
+
+def test_parity_probe_drops_perturbed_backend(single, monkeypatch):
+    learn,files = single
+    learn.fast_reset()
+    call = engine.OnnxBackend.__call__
+    monkeypatch.setattr(engine.OnnxBackend, '__call__', lambda self, xb: call(self, xb)*1.05)  # softmax ignores a shift
+    with pytest.warns(UserWarning, match="backend 'onnxruntime' dropped: max .Δp. .* > 1e-05"): res = learn.fast_get_preds(files, bs=16)[0]
+    eq(res, learn.fast_get_preds(files, bs=16, backend='torch')[0])
+    eq(learn.fast_backend()[(None, 'cpu', 16)]['backend'], 'torch')
+    learn.fast_reset()
+
+def test_bf16_without_native_support(single, monkeypatch):
+    "no avx512_bf16/amx_bf16: precision='bf16' warns once, naming the missing feature, and runs fp32 (the default's answers)"
+    learn,files = single
+    learn.fast_reset()
+    monkeypatch.setattr(engine, 'native_bf16', lambda: False)
+    with pytest.warns(UserWarning, match="precision='bf16' falls back to fp32: .*avx512_bf16, amx_bf16"): res = learn.fast_get_preds(files, precision='bf16')[0]
+    close(res, learn.fast_get_preds(files, backend='torch')[0], eps=1e-5)
+    assert not any(k[1]=='bf16' for k in learn._fi_engines)  # no bf16 engine was even built
+    learn.fast_reset()
+
+def test_bf16_with_native_support(single, monkeypatch):
+    "native bf16: the bf16 candidate is measured against the fp32 ones, and kept only if faster"
+    learn,files = single
+    learn.fast_reset()
+    monkeypatch.setattr(engine, 'native_bf16', lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        res = learn.fast_get_preds(files, bs=16, precision='bf16')[0]
+    c = learn.fast_backend()[('bf16', 'cpu', 16)]
+    assert 'torch bf16' in c['ms_per_item']
+    fastest = min(c['ms_per_item'], key=c['ms_per_item'].get)
+    eq(c['precision'], 'bf16' if fastest=='torch bf16' else None)
+    close(res, learn.fast_get_preds(files, backend='torch')[0], eps=0.05)
+    learn.fast_reset()
+
+def test_quantized_learner_runs_its_int8_model(single):
+    learn,files = single
+    ql = learn.quantize(files[:16], n_batches=1, bs=16)
+    assert isinstance(ql.model, OrtModule)
+    eq(ql.fast_select(None).name, 'torch')  # the OrtModule runs ONNX Runtime itself: nothing to choose
+
+def test_prefetch_order_errors_and_early_stop():
+    from fastinfer.preds import prefetch
+    eq(list(prefetch(iter(range(50)))), list(range(50)))
+    def bad():
+        yield 1; raise KeyError('boom')
+    it = prefetch(bad())
+    eq(next(it), 1)
+    with pytest.raises(KeyError, match='boom'): next(it)
+    seen = []
+    def slow():
+        for i in range(1000): seen.append(i); yield i
+    for i in prefetch(slow()):
+        if i==3: break
+    import time; time.sleep(0.3)
+    assert len(seen) < 10  # the thread stopped with its consumer
+
+IMPORT = """
+import warnings; warnings.filterwarnings('ignore')
+import fastinfer
+from fastai.vision.all import *
+from fastinfer.test_utils import synth_learner
+learn,files = synth_learner('single', sys.argv[1], n=8)
+print(learn.fast_get_preds(files[:2])[0].shape[0])
+"""
+
+def test_import_fastinfer_patches_learner(tmp_path):
+    r = subprocess.run([sys.executable, '-c', 'import sys\n' + IMPORT, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode==0, r.stderr[-2000:]
+    eq(r.stdout.split()[-1], '2')
