@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_bench.ipynb #d000157b
 from __future__ import annotations
-import time, warnings
+import os, time, warnings
 from fastai.vision.all import *
 from PIL import Image
 from .core import *
@@ -16,7 +16,7 @@ from .demo import cache_dir
 
 # %% auto #0
 __all__ = ['bench_corpus', 'bench_learner', 'bench', 'cpu_line', 'bench_e2e', 'benchmark_archs', 'archs_table', 'archs_plot',
-           'bench_table', 'bench_plot']
+           'bench_table', 'bench_plot', 'bench_serve']
 
 # %% ../nbs/06_bench.ipynb #72149883
 def bench_corpus(path=None, n:int=512, n_big:int=16, seed:int=0)->tuple:
@@ -182,9 +182,9 @@ def bench_e2e(learn:Learner, items, bs:int=64)->list:
     learn.fast_reset()
     with learn.no_bar(): t_fi,p = _time(lambda: learn.fast_get_preds(items, bs=bs)[0])
     t_fa,ref = _time(fa, items)
-    compiled = first(learn.fast_backend().values())['backend'] + (' then compiled' if any(k[0]=='compile' for k in learn._fi_engines) else '')
+    chose = first(learn.fast_backend().values())['backend'] + (' then compiled' if any(learn._fi_compile_ok.values()) else '')
     return [dict(name=f'fastai get_preds, end to end, {len(items)} images', img_s=len(items)/t_fa, speedup=1.),
-            dict(name=f"fastinfer defaults, end to end, {len(items)} images ({'compiled' if compiled else 'eager'}, warm-up included)",
+            dict(name=f"fastinfer defaults, end to end, {len(items)} images ({chose}, backend choice included)",
                  img_s=len(items)/t_fi, speedup=t_fa/t_fi, max_dp=(p-ref).abs().max().item(), top1=(p.argmax(1)==ref.argmax(1)).float().mean().item())]
 
 # %% ../nbs/06_bench.ipynb #17ca6dcb
@@ -222,9 +222,9 @@ def archs_plot(rows, fname):
 # %% ../nbs/06_bench.ipynb #a03fd375
 def bench_table(rows:list)->str:
     "`rows` of `bench` as a markdown table"
-    cols = [('name',''), ('img_s','img/s'), ('p50_ms','p50 ms'), ('p95_ms','p95 ms'), ('speedup','vs fastai'), ('max_dp','max \\|Δp\\|'),
+    cols = [('name',''), ('img_s','img/s'), ('p50_ms','p50 ms'), ('p95_ms','p95 ms'), ('p99_ms','p99 ms'), ('errors','errors'), ('wrong','wrong/lost'), ('rows','rows'), ('exact','exactly the bad ones'), ('rss_mb','MB'), ('speedup','vs fastai'), ('max_dp','max \\|Δp\\|'),
             ('top1','top-1 agree'), ('efficiency','efficiency'), ('warmup_s','first call s')]
-    fmt = dict(img_s='{:.1f}', p50_ms='{:.1f}', p95_ms='{:.1f}', speedup='{:.2f}x', max_dp='{:.1e}', top1='{:.1%}', efficiency='{:.2f}', warmup_s='{:.1f}')
+    fmt = dict(img_s='{:.1f}', p50_ms='{:.1f}', p95_ms='{:.1f}', p99_ms='{:.1f}', rss_mb='{:.1f}', speedup='{:.2f}x', max_dp='{:.1e}', top1='{:.1%}', efficiency='{:.2f}', warmup_s='{:.1f}')
     lines = ['| ' + ' | '.join(h for _,h in cols) + ' |', '|' + '---|'*len(cols)]
     for r in rows: lines.append('| ' + ' | '.join(fmt.get(c,'{}').format(r[c]) if c in r else '' for c,_ in cols) + ' |')
     return '\n'.join(lines)
@@ -237,3 +237,41 @@ def bench_plot(rows:list, fname):
     ax.barh([r['name'] for r in rows][::-1], [r['speedup'] for r in rows][::-1])
     ax.set_xlabel('speed-up vs fastai'); fig.tight_layout(); fig.savefig(fname, dpi=80)
     plt.close(fig)
+
+# %% ../nbs/06_bench.ipynb #b5e0c002
+def bench_serve(model, items, concurrency=(1, 8, 32), n:int=200, n_check:int=2000, n_rss:int=5000, bad_frac:float=0.05, **server_args)->list:
+    "Load `fastinfer serve model` with `items` (image files) on loopback: throughput and latency per concurrency, wrong or lost replies, RSS growth"
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+    from fastinfer.serve import ServerProcess
+    from fastinfer.runtime import load
+    datas = [Path(o).read_bytes() for o in items]
+    ref = load(model)
+    want = [ref.predict(d) for d in datas]
+    args = [a for k,v in server_args.items() for a in (f"--{k.replace('_', '-')}", v)]
+    rows = []
+    with ServerProcess(model, *args) as s, httpx.Client(timeout=60, limits=httpx.Limits(max_connections=64)) as c:
+        def post(i, bad=False):
+            t0 = time.perf_counter()
+            r = c.post(s.url + '/predict', content=os.urandom(2048) if bad else datas[i%len(datas)], headers={'Content-Type': 'image/jpeg'})
+            return i,bad,r,time.perf_counter()-t0
+        for k in concurrency:
+            with ThreadPoolExecutor(k) as ex:
+                list(ex.map(post, range(min(n, 2*k))))  # warm up the connections
+                t0 = time.perf_counter(); res = list(ex.map(post, range(n))); dt = time.perf_counter()-t0
+            lat = np.array([o[3] for o in res])*1e3
+            rows.append(dict(name=f'fastinfer serve, concurrency {k}', img_s=n/dt, p50_ms=float(np.percentile(lat, 50)),
+                             p99_ms=float(np.percentile(lat, 99)), errors=sum(o[2].status_code!=200 for o in res)))
+        rng = np.random.default_rng(0)
+        bad = rng.random(n_check) < bad_frac
+        with ThreadPoolExecutor(32) as ex: res = list(ex.map(lambda i: post(i, bad[i]), range(n_check)))
+        def right(i, b, r):
+            if b: return r.status_code==400 and 'error' in r.json()
+            lbl,_,p = want[i%len(want)]
+            return r.status_code==200 and r.json()['label']==lbl and abs(r.json()['probability']-float(p.max())) <= 1e-5
+        wrong = sum(not right(i, b, r) for i,b,r,_ in res)
+        rows.append(dict(name=f'{n_check} requests at concurrency 32, {bad.sum()} of them garbage: wrong or lost replies', wrong=wrong))
+        rss0 = s.rss_mb()
+        with ThreadPoolExecutor(8) as ex: list(ex.map(post, range(n_rss)))
+        rows.append(dict(name=f'server RSS growth over {n_rss} requests (MB)', rss_mb=s.rss_mb()-rss0))
+    return rows

@@ -12,6 +12,39 @@ from .runtime import BACKENDS
 __all__ = ['IMG_EXTS', 'expand_items', 'load_model', 'parser', 'main']
 
 # %% ../nbs/04_cli.ipynb #20a33b98
+def _bench_serve(args, learn, items):
+    "`fastinfer bench --serve`: the HTTP service under load, next to `fast_get_preds` and `fast_predict` on the same images"
+    import tempfile, time
+    import numpy as np
+    from pathlib import Path
+    from fastinfer.bench import bench_serve, bench_table, cpu_line
+    fn = learn.export_onnx(Path(tempfile.mkdtemp())/'m.onnx', example_items=items[:4]) if args.serve=='export' else args.serve
+    with learn.no_bar():
+        learn.fast_get_preds(items[:64]); t0 = time.perf_counter(); learn.fast_get_preds(items); dt = time.perf_counter()-t0
+        learn.fast_predict(items[0]); lat = []
+        for o in items[:64]:
+            t1 = time.perf_counter(); learn.fast_predict(Path(o).read_bytes()); lat.append(time.perf_counter()-t1)
+    rows = [dict(name='fast_get_preds, same images (img/s)', img_s=len(items)/dt),
+            dict(name='fast_predict, same images', p50_ms=float(np.percentile(lat, 50))*1e3)]
+    rows += bench_serve(fn, items, n_check=args.n_check, n_rss=args.n_rss)
+    print(f"fastinfer serve {fn} on loopback, {len(items)} images; CPU: {cpu_line()}\n")
+    print(bench_table(rows))
+
+def _bench_ray(args, learn, items):
+    "`fastinfer bench --ray`: Ray Data on this machine's CPUs, with an ONNX export of the learner"
+    import tempfile
+    from pathlib import Path
+    import ray
+    from fastinfer.distributed import bench_ray
+    from fastinfer.bench import bench_table, cpu_line
+    fn = learn.export_onnx(Path(tempfile.mkdtemp())/'m.onnx', example_items=items[:4])
+    ray.init(include_dashboard=False, log_to_driver=False)
+    cpus = ray.cluster_resources().get('CPU')
+    try: rows = bench_ray(fn, items)
+    finally: ray.shutdown()
+    print(f"Ray Data on a local cluster of {cpus:g} CPUs, {len(items)} images; CPU: {cpu_line()}\n")
+    print(bench_table(rows))
+
 def _demo(args):
     from fastinfer.demo import demo, demo_table
     print(demo_table(demo(sz=args.size, epochs=args.epochs, bs=args.bs)))
@@ -38,6 +71,8 @@ def _bench(args):
         if args.json: Path(args.json).write_text(json.dumps(rows, indent=1))
         return
     items,big = (sorted(get_image_files(args.items))[:args.n],None) if args.items else bench_corpus(n=args.n)
+    if args.serve: return _bench_serve(args, learn, items)
+    if args.ray: return _bench_ray(args, learn, items)
     rows = bench(learn, items, bs=args.bs, n_rep=args.reps, compile=not args.no_compile, big=big)
     if args.e2e: rows += bench_e2e(learn, bench_corpus(n=args.e2e)[0] if not args.items else items, bs=args.bs)
     from fastinfer.bench import cpu_line
@@ -64,7 +99,7 @@ def expand_items(args)->list:
         else: out.append(p)
     return out
 
-def _rows(idx, probs, dec, vocab, items, topk, errors=()):
+def _rows(idx, probs, dec, vocab, items, topk):
     "One output row a prediction: item, label, probability, top-k (numpy or torch rows alike)"
     probs,dec = np.asarray(probs),np.asarray(dec)
     for i,p,d in zip(np.asarray(idx).tolist(), probs, dec):
@@ -166,6 +201,10 @@ def parser()->argparse.ArgumentParser:
     b.add_argument('--reps', type=int, default=2, help='timed rounds per contender')
     b.add_argument('--no-compile', action='store_true', help='leave out the torch.compile rows')
     b.add_argument('--e2e', type=int, default=0, help='also time one cold end-to-end run over this many corpus images')
+    b.add_argument('--serve', nargs='?', const='export', help='instead: load-test `fastinfer serve` (an .onnx/.pkl, or the built-in learner exported)')
+    b.add_argument('--n-check', type=int, default=2000, help='with --serve: requests of the correctness run (5%% garbage)')
+    b.add_argument('--n-rss', type=int, default=5000, help='with --serve: requests of the memory run')
+    b.add_argument('--ray', action='store_true', help='instead: Ray Data on this machine (actors 1 vs 2, bad files, driver memory)')
     b.add_argument('--archs', help='instead: latency and throughput of these comma-separated torchvision backbones, random init')
     b.add_argument('--precision', default=None, choices=['fp32', 'bf16'], help='precision for --archs')
     b.add_argument('--json', help='also write the rows as JSON here')

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_engine.ipynb #5e3e3ff5
 from __future__ import annotations
-import io, itertools, time, warnings
+import functools, io, itertools, time, warnings
 from fastai.basics import *
 from copy import deepcopy
 from .core import learner_device
@@ -38,12 +38,14 @@ def autocast_dtype(learn:Learner, precision, device):
     if mp is None or torch.device(device).type!='cuda': return None
     return torch.bfloat16 if mp.amp_mode==AMPMode.BF16 else torch.float16
 
+@functools.cache
 def cpu_flags()->set:
     "This CPU's feature flags as `/proc/cpuinfo` lists them (empty where it cannot be read)"
     try: line = first(l for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith(('flags', 'Features')))
     except OSError: return set()
     return set(line.split(':', 1)[1].split()) if line else set()
 
+@functools.cache
 def cpu_name()->str:
     "This CPU's model name"
     import platform
@@ -123,12 +125,12 @@ def onnx_bytes(model:nn.Module, xb, output_names=('y',))->bytes:
 class OnnxBackend:
     "The learner's model exported to ONNX once (traced on batch `xb`) and run by ONNX Runtime on the CPU, in fp32"
     name,precision = 'onnxruntime',None
-    def __init__(self, learn:Learner, xb, threads:int=None):
+    def __init__(self, learn:Learner, xb):
         self.version = _weights_version(learn.model)
         was = learn.model.training
-        try: self.ort = OrtModel(onnx_bytes(learn.model.eval().cpu(), xb), threads=threads or torch.get_num_threads())
+        try: self.model = OrtModule(onnx_bytes(learn.model.eval().cpu(), xb), type(learn.model).__name__)
         finally: learn.model.train(was)
-    def __call__(self, xb:tuple): return torch.from_numpy(self.ort(*(x.numpy() for x in _plain(xb))))
+    def __call__(self, xb:tuple): return self.model(*xb)
     def fresh(self, learn)->bool: return _weights_version(learn.model)==self.version
 
 def is_onnx(model)->bool:
@@ -171,7 +173,7 @@ def fast_engine(self:Learner,
 @patch
 def fast_reset(self:Learner):
     "Forget cached pipelines, backends (compiled graphs and ONNX sessions included) and backend choices"
-    self._fi_engines,self._fi_pipes,self._fi_choice = {},None,{}
+    self._fi_engines,self._fi_pipes,self._fi_choice,self._fi_compile_ok = {},None,{},{}
     return self
 
 # %% ../nbs/05_engine.ipynb #2b7e4c19

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_export.ipynb #426a929c
 from __future__ import annotations
-import json, tempfile, time, warnings
+import json, time, warnings
 from contextlib import contextmanager
 from copy import deepcopy
 from fastai.vision.all import *

@@ -1,34 +1,14 @@
 "fastinfer serve: the real server in a subprocess on a free loopback port; every reply right, every error its status; always shut down"
-import io, os, signal, socket, subprocess, sys, threading, time, pytest, httpx
+import io, os, signal, time, pytest, httpx
 import numpy as np
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from PIL import Image
 from fastcore.test import test_eq as eq, test_close as close
 from fastinfer.all import *
+from fastinfer.serve import ServerProcess
 
-def free_port()->int:
-    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
-class Server:
-    "`fastinfer serve MODEL ARGS` on a free loopback port; killed on exit whatever happens"
-    def __init__(self, model, *args):
-        self.port = free_port()
-        self.url = f'http://127.0.0.1:{self.port}'
-        self.proc = subprocess.Popen([sys.executable, '-c', 'from fastinfer.cli import main; main()', 'serve', str(model),
-                                      '--port', str(self.port), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        t0 = time.time()
-        while time.time()-t0 < 120:
-            assert self.proc.poll() is None, self.proc.stderr.read()[-3000:]
-            try:
-                if httpx.get(self.url + '/ready', timeout=2).status_code==200: return
-            except httpx.HTTPError: pass
-            time.sleep(0.2)
-        raise TimeoutError('server not ready in 120 s')
-    def __enter__(self): return self
-    def __exit__(self, *a):
-        if self.proc.poll() is None: self.proc.kill()
-        self.proc.wait(30)
 
 @pytest.fixture(scope='module')
 def model(single, tmp_path_factory):
@@ -42,7 +22,7 @@ def test_replies_equal_fast_predict(model):
     "16 clients at once: every reply is fast_predict's on the same bytes"
     learn,files,fn,_ = model
     ref = {i: learn.fast_predict(f.read_bytes()) for i,f in enumerate(files[:16])}
-    with Server(fn, '--max-batch', '8', '--max-wait-ms', '20') as s:
+    with ServerProcess(fn, '--max-batch', '8', '--max-wait-ms', '20') as s:
         with ThreadPoolExecutor(16) as ex:
             res = list(ex.map(lambda i: post(s.url, files[i%16].read_bytes()), range(64)))
         for i,r in enumerate(res):
@@ -70,7 +50,7 @@ def test_bad_inputs_get_their_status(model, tmp_path):
     learn,files,fn,_ = model
     good = files[0].read_bytes()
     buf = io.BytesIO(); Image.new('RGB', (3000, 2000)).save(buf, format='PNG')
-    with Server(fn, '--max-body-mb', '0.5', '--api-key', 'sekret') as s:
+    with ServerProcess(fn, '--max-body-mb', '0.5', '--api-key', 'sekret') as s:
         auth = {'Authorization': 'Bearer sekret'}
         eq(post(s.url, good).status_code, 401)
         eq(post(s.url, good, headers={'Authorization': 'Bearer nope'}).status_code, 401)
@@ -93,20 +73,20 @@ def test_overload_and_timeout(model):
     "a full queue gives 503 with Retry-After, past the timeout 504; every request gets an answer"
     learn,files,fn,_ = model
     data = files[0].read_bytes()
-    with Server(fn, '--max-queue', '1', '--max-batch', '1', '--max-wait-ms', '0') as s:
+    with ServerProcess(fn, '--max-queue', '1', '--max-batch', '1', '--max-wait-ms', '0') as s:
         with ThreadPoolExecutor(32) as ex: res = list(ex.map(lambda i: post(s.url, data), range(96)))
         codes = [r.status_code for r in res]
         assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
         assert all(r.headers['retry-after']=='1' for r in res if r.status_code==503)
         eq(post(s.url, data).status_code, 200)
-    with Server(fn, '--timeout-s', '0.000001') as s:
+    with ServerProcess(fn, '--timeout-s', '0.000001') as s:
         r = post(s.url, data)
         eq(r.status_code, 504); assert 'no answer within' in r.json()['error']
 
 def test_sigterm_finishes_in_flight(model):
     learn,files,fn,_ = model
     data = files[0].read_bytes()
-    with Server(fn, '--max-wait-ms', '200', '--max-batch', '64') as s:
+    with ServerProcess(fn, '--max-wait-ms', '200', '--max-batch', '64') as s:
         with ThreadPoolExecutor(8) as ex:
             futs = [ex.submit(post, s.url, data) for _ in range(8)]
             time.sleep(0.1)  # they are waiting in the batcher now
@@ -119,7 +99,7 @@ def test_serves_a_pkl(model):
     "a fastai .pkl is served through the learner's own pipelines, with a warning that it runs pickled code"
     learn,files,_,d = model
     learn.export(d/'m.pkl')
-    with Server(d/'m.pkl', '--backend', 'torch') as s:
+    with ServerProcess(d/'m.pkl', '--backend', 'torch') as s:
         r = post(s.url, files[2].read_bytes())
         lbl,idx,probs = learn.fast_predict(files[2].read_bytes(), backend='torch')
         eq(r.json()['label'], lbl); assert abs(r.json()['probability']-probs.max().item()) <= 1e-5

@@ -38,7 +38,7 @@ def test_compiled_parity(single):
     assert learn._fi_engines[('compile', None, 'cpu', 16)].warm
     learn.fast_prepare(bs=1, compile=True)
     with learn.no_bar(): p = learn.predict(files[0])
-    r = learn.fast_predict(files[0])
+    r = learn.fast_predict(files[0], backend='compile')
     assert learn._fi_engines[('compile', None, 'cpu', 1)].warm
     close(r[2], p[2], eps=1e-5); eq(r[0], p[0])
 
@@ -97,3 +97,18 @@ def test_fast_decode(single, tmp_path):
     eq(learn.fast_get_preds(files[:6], fast_decode=True)[0], learn.fast_get_preds(files[:6])[0])
     mem = [Image.open(f).convert('RGB') for f in jpgs]
     eq(learn.fast_get_preds(mem, fast_decode=True)[0], learn.fast_get_preds(mem)[0])
+
+def test_auto_compile_needs_parity(single, monkeypatch):
+    "a compiled graph whose answers drift from eager torch (as inductor's did on an H100) is not used by 'auto'"
+    learn,files = single
+    monkeypatch.setattr(torch, 'compile', lambda m, **kw: (lambda *xb: m(*xb)*1.05))
+    def no_onnx(*a, **kw): raise RuntimeError('no ONNX Runtime here')
+    monkeypatch.setattr(engine, 'OnnxBackend', no_onnx)
+    monkeypatch.setattr(engine, 'COMPILE_S', 0.)
+    learn.fast_reset()
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter('always')
+        res = learn.fast_get_preds(files, bs=8)[0]
+    assert any('torch.compile not used' in str(w.message) for w in ws)
+    eq(res, learn.fast_get_preds(files, bs=8, backend='torch')[0])
+    learn.fast_reset()

@@ -1,0 +1,61 @@
+"ray_predict on a local 2-CPU Ray cluster: every row equals fast_get_preds, bad files become error rows, nothing dropped; shut down always"
+import json, math, pytest, torch
+import numpy as np
+from pathlib import Path
+from fastcore.test import test_eq as eq
+from fastinfer.all import *
+
+ray = pytest.importorskip('ray')
+
+@pytest.fixture(scope='module')
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try: yield
+    finally: ray.shutdown()
+
+def test_rows_equal_fast_get_preds(cluster, single, tmp_path):
+    from fastinfer.distributed import ray_predict
+    learn,files = single
+    fn = learn.export_onnx(tmp_path/'m.onnx')
+    (tmp_path/'bad.png').write_bytes(b'not an image')
+    items = [str(f) for f in files[:20]] + [str(tmp_path/'bad.png'), str(tmp_path/'missing.png')] + [str(f) for f in files[20:30]]
+    rows = ray_predict(items, fn, bs=8, topk=2).take_all()
+    eq(len(rows), len(items))
+    by = {r['item']: r for r in rows}
+    eq(sorted(by), sorted(items))
+    good = [o for o in items if 'bad' not in o and 'missing' not in o]
+    probs,_,dec = learn.fast_get_preds(good, with_decoded=True)
+    for o,p,d in zip(good, probs, dec):
+        r = by[o]
+        assert r['error'] is None, r
+        eq(r['label'], learn.dls.vocab[d])
+        assert np.abs(np.asarray(r['probs'])-p.numpy()).max() <= 1e-5 and abs(r['probability']-p.max().item()) <= 1e-5
+        eq(json.loads(r['topk'])[0][0], r['label'])
+    assert 'not an image' in by[items[20]]['error'] or 'UnidentifiedImageError' in by[items[20]]['error']
+    assert 'No such file' in by[items[21]]['error'] or 'FileNotFoundError' in by[items[21]]['error']
+    assert math.isnan(by[items[21]]['probability']) and by[items[21]]['label']==''
+
+def test_parquet_and_dataset_input(cluster, single, tmp_path):
+    import ray.data, pyarrow.parquet as pq
+    from fastinfer.distributed import ray_predict
+    learn,files = single
+    fn = learn.export_onnx(tmp_path/'m.onnx')
+    ds = ray.data.from_items([{'path': str(f)} for f in files[:12]])
+    ray_predict(ds, fn, bs=4).write_parquet(str(tmp_path/'out'))
+    t = pq.read_table(str(tmp_path/'out'))
+    eq(t.num_rows, 12); assert {'item', 'label', 'probability', 'probs', 'error'} <= set(t.column_names)
+
+def test_cli_ray(cluster, single, tmp_path):
+    "fastinfer predict --ray joins the running cluster (here, in-process) and writes Parquet"
+    import pyarrow.parquet as pq
+    from fastinfer.cli import main
+    learn,files = single
+    fn = learn.export_onnx(tmp_path/'m.onnx')
+    main(['predict', str(fn), *map(str, files[:6]), '-o', str(tmp_path/'p.parquet'), '--ray'])
+    eq(pq.read_table(str(tmp_path/'p.parquet')).num_rows, 6)
+
+def test_missing_ray_message(monkeypatch):
+    import sys
+    from fastinfer.distributed import ray_predict
+    monkeypatch.setitem(sys.modules, 'ray', None)
+    with pytest.raises(ImportError, match=r'pip install "fastinfer\[ray\]"'): ray_predict(['a.png'], 'm.onnx')
