@@ -225,6 +225,7 @@ def bench_table(rows:list)->str:
     cols = [('name',''), ('img_s','img/s'), ('p50_ms','p50 ms'), ('p95_ms','p95 ms'), ('p99_ms','p99 ms'), ('errors','errors'), ('wrong','wrong/lost'), ('rows','rows'), ('exact','exactly the bad ones'), ('rss_mb','MB'), ('speedup','vs fastai'), ('max_dp','max \\|Δp\\|'),
             ('top1','top-1 agree'), ('efficiency','efficiency'), ('warmup_s','first call s')]
     fmt = dict(img_s='{:.1f}', p50_ms='{:.1f}', p95_ms='{:.1f}', p99_ms='{:.1f}', rss_mb='{:.1f}', speedup='{:.2f}x', max_dp='{:.1e}', top1='{:.1%}', efficiency='{:.2f}', warmup_s='{:.1f}')
+    cols = [(c,h) for c,h in cols if c=='name' or any(c in r for r in rows)]  # only the columns these rows fill
     lines = ['| ' + ' | '.join(h for _,h in cols) + ' |', '|' + '---|'*len(cols)]
     for r in rows: lines.append('| ' + ' | '.join(fmt.get(c,'{}').format(r[c]) if c in r else '' for c,_ in cols) + ' |')
     return '\n'.join(lines)

@@ -246,6 +246,9 @@ def parser()->argparse.ArgumentParser:
 
 def main(argv=None):
     "Run the `fastinfer` command with `argv` (default: `sys.argv[1:]`); a bad item is an error message and exit status 1"
+    import warnings
+    # fastai scripts a few layers with TorchScript when it is imported, and torch 2.14 warns that TorchScript is deprecated
+    warnings.filterwarnings('ignore', message=r'`torch\.jit\.\w+` is deprecated', category=FutureWarning)
     args = parser().parse_args(argv)
     try: args.func(args)
     except (ValueError, FileNotFoundError, ImportError) as e: sys.exit(f'fastinfer {args.cmd}: {e}')

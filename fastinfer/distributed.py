@@ -64,7 +64,7 @@ def ray_predict(items, # Paths or URIs every worker can read, or a `ray.data.Dat
     topk:int=0, # Also a `topk` column (JSON) for single-label models
     address:str=None, # A running cluster (`ray.init(address=...)`); default: the one running, else a local one
 ):
-    "A `ray.data.Dataset` of `item`, `label`, `probability`, `probs` and `error`: one row per item, in the items' order"
+    "A `ray.data.Dataset` of `item`, `label`, `probability`, `probs` and `error`: one row per item (Ray may reorder rows; each names its item)"
     try:
         import ray, ray.data
         from ray.data import ActorPoolStrategy

@@ -17,7 +17,7 @@ __all__ = ['evaluate', 'eval_table']
 
 # %% ../nbs/11_evaluate.ipynb #4b108122
 def evaluate(sz:int=64, epochs:int=6, bs:int=64, tta_n:int=4)->list:
-    "Held-out accuracy and speed of fastai, fastinfer exact, bf16, int8 and TTA on the digits"
+    "Held-out accuracy and speed of fastai, fastinfer default, bf16, int8 and TTA on the digits"
     learn = digits_learner(sz=sz, epochs=epochs, aug=True)
     trn,held = digits_files(sz=sz)
     y = tensor([learn.dls.vocab.o2i[f.parent.name] for f in held])
@@ -29,7 +29,7 @@ def evaluate(sz:int=64, epochs:int=6, bs:int=64, tta_n:int=4)->list:
     with learn.no_bar(), ql.no_bar():
         fa,ips = timed(lambda: learn.get_preds(dl=learn.dls.test_dl(held, bs=bs))[0])
         rows = [('fastai get_preds (fp32)', fa, ips)]
-        for name,f in [('fastinfer exact', lambda: learn.fast_get_preds(held, bs=bs)[0]),
+        for name,f in [('fastinfer default', lambda: learn.fast_get_preds(held, bs=bs)[0]),
                        ('fastinfer bf16', lambda: learn.fast_get_preds(held, bs=bs, precision='bf16')[0]),
                        ('fastinfer int8 (quantize)', lambda: ql.fast_get_preds(held, bs=bs)[0]),
                        (f'fastinfer TTA (n={tta_n}, beta=0.25)', lambda: learn.fast_tta(held, n=tta_n, bs=bs)[0])]:

@@ -110,6 +110,8 @@ def _warn_fallback(self:Learner):
 def auto_workers(n:int, bs:int, device)->int:
     "Worker processes for `n` items: none unless the call is long enough to pay their start-up"
     if n < NW_MIN_ITEMS: return 0
+    # on a GPU the cores are free to decode: on an H100 host with 16, 4 workers gave 650 img/s, 8 1061, 12 936, 15 919
+    if torch.device(device).type!='cpu': return max(1, defaults.cpus//2)
     return 1 if defaults.cpus <= 2 else min(4, defaults.cpus//2)
 
 NW_MIN_ITEMS = 512 # see below
