@@ -16,12 +16,15 @@ __all__ = ['Predict', 'ray_resources', 'ray_predict', 'bench_ray']
 class Predict:
     "Ray Data's callable class: loads the export `model` once per actor, then maps a batch `{'item': [...]}` to prediction rows"
     def __init__(self, model, threads:int=1, topk:int=0):
+        from PIL import Image
         self.p,self.topk = load(model, threads=threads),topk
+        # one blank image: the model is warm, and a failed row's `probs` (NaN) is as wide as a good one's, as Arrow needs
+        prob = self.p.run([self.p.prep(Image.new(self.p.mode, (64,64)))])[0]
+        self.width = 0 if self.p.task=='segmentation' else prob.size
 
     def _row(self, x, prob)->dict:
-        p,r = self.p,dict(label='', probability=math.nan, probs=[], error=None)
+        p,r = self.p,dict(label='', probability=math.nan, probs=prob.ravel()[:self.width].astype(np.float32), error='')
         if p.task=='segmentation': r['label'] = result(p, prob, image_size(x))['mask_png']
-        else: r['probs'] = prob.ravel().astype(np.float32)
         dec = p.decode(prob[None])[0]
         if p.task=='single': r.update(label=p.vocab[int(dec)], probability=float(prob[dec]))
         elif p.task=='multi': r.update(label=';'.join(p.label(dec)), probability=float(prob[dec].min()) if dec.any() else math.nan)
@@ -34,13 +37,13 @@ class Predict:
         xs,good,rows = [],[],[None]*len(items)
         for i,x in enumerate(items):
             try: xs.append(self.p.prep(x)); good.append(i)
-            except Exception as e: rows[i] = dict(label='', probability=math.nan, probs=[], error=f'{type(e).__name__}: {e}')
+            except Exception as e: rows[i] = dict(label='', probability=math.nan, probs=np.full(self.width, np.nan, np.float32), error=f'{type(e).__name__}: {e}')
         probs = self.p.run(xs) if xs else []
         for i,prob in zip(good, probs): rows[i] = self._row(items[i], prob)
         if self.topk and self.p.task=='single':
             for r in rows: r.setdefault('topk', '')
         out = {'item': items, **{k: [r[k] for r in rows] for k in rows[0]}}
-        out['probs'] = [np.asarray(o, dtype=np.float32) for o in out['probs']]
+        out['probs'] = np.stack(out['probs'])
         return out
 
 # %% ../nbs/13_distributed.ipynb #d1e00007
@@ -64,7 +67,7 @@ def ray_predict(items, # Paths or URIs every worker can read, or a `ray.data.Dat
     topk:int=0, # Also a `topk` column (JSON) for single-label models
     address:str=None, # A running cluster (`ray.init(address=...)`); default: the one running, else a local one
 ):
-    "A `ray.data.Dataset` of `item`, `label`, `probability`, `probs` and `error`: one row per item (Ray may reorder rows; each names its item)"
+    "A `ray.data.Dataset` of `item`, `label`, `probability`, `probs` and `error` ('' where the item succeeded): one row per item (Ray may reorder rows; each names its item)"
     try:
         import ray, ray.data
         from ray.data import ActorPoolStrategy
@@ -96,7 +99,7 @@ def bench_ray(model, items, n_job:int=2000, bad_frac:float=0.02, n_stream:int=10
     (d/'bad.jpg').write_bytes(b'not a jpeg')
     job = [str(d/'bad.jpg') if b else items[i%len(items)] for i,b in enumerate(rng.random(n_job) < bad_frac)]
     res = ray_predict(job, model, bs=bs).to_pandas()
-    errs = res[res.error.notna()]
+    errs = res[res.error!='']
     rows.append(dict(name=f'{n_job} files, {job.count(str(d/"bad.jpg"))} bad: rows, error rows, error rows that are the bad files',
                      rows=len(res), errors=len(errs), exact=bool((errs.item==str(d/'bad.jpg')).all() and len(errs)==job.count(str(d/'bad.jpg')))))
     rss0 = _rss_mb()

@@ -27,7 +27,7 @@ def test_rows_equal_fast_get_preds(cluster, single, tmp_path):
     probs,_,dec = learn.fast_get_preds(good, with_decoded=True)
     for o,p,d in zip(good, probs, dec):
         r = by[o]
-        assert r['error'] is None, r
+        assert r['error']=='', r
         eq(r['label'], learn.dls.vocab[d])
         assert np.abs(np.asarray(r['probs'])-p.numpy()).max() <= 1e-5 and abs(r['probability']-p.max().item()) <= 1e-5
         eq(json.loads(r['topk'])[0][0], r['label'])
@@ -40,10 +40,15 @@ def test_parquet_and_dataset_input(cluster, single, tmp_path):
     from fastinfer.distributed import ray_predict
     learn,files = single
     fn = learn.export_onnx(tmp_path/'m.onnx')
-    ds = ray.data.from_items([{'path': str(f)} for f in files[:12]])
+    (tmp_path/'bad.png').write_bytes(b'junk')
+    # a bad item in one batch and not in the others: every batch's columns must still have one type
+    ds = ray.data.from_items([{'path': str(f)} for f in files[:11]] + [{'path': str(tmp_path/'bad.png')}])
     ray_predict(ds, fn, bs=4).write_parquet(str(tmp_path/'out'))
-    t = pq.read_table(str(tmp_path/'out'))
-    eq(t.num_rows, 12); assert {'item', 'label', 'probability', 'probs', 'error'} <= set(t.column_names)
+    t = pq.read_table(str(tmp_path/'out')).to_pandas()
+    eq(len(t), 12); assert {'item', 'label', 'probability', 'probs', 'error'} <= set(t.columns)
+    bad = t[t.item==str(tmp_path/'bad.png')].iloc[0]
+    probs = np.asarray(bad.probs)
+    assert bad.error and np.isnan(probs).all() and probs.shape==(len(learn.dls.vocab),)
 
 def test_cli_ray(cluster, single, tmp_path):
     "fastinfer predict --ray joins the running cluster (here, in-process) and writes Parquet"
