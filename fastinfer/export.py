@@ -211,24 +211,57 @@ def export_jit(self:Learner,
     return fname
 
 # %% ../nbs/07_export.ipynb #62a27445
-class _Program(nn.Module):
-    "The batch transforms as a captured `torch.fx` graph `pre`, then the model and the activation: what `torch.export` can trace"
-    def __init__(self, pre, m:ExportModule):
-        super().__init__()
-        self.pre,self.model,self.act = pre,m.model,m.act
-    def forward(self, x): return self.act(self.model(self.pre(x)))
+_A = torch.ops.aten
 
-def _fx_pre(learn, x):
-    "The learner's batch transforms as a plain `torch.fx` graph with a symbolic batch size, captured from their TorchScript trace"
-    from torch.fx.experimental.proxy_tensor import make_fx
-    m = ExportModule(learn, model=nn.Identity(), act=noop).eval()
-    with torch.no_grad(), tracing_fastai(), warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        ts = torch.jit.trace(m, x, check_trace=False)
-        try: return make_fx(ts, tracing_mode='symbolic')(x)
-        except Exception as e:
-            raise ValueError(f"cannot export_program: torch.export cannot capture fastai's batch transforms "
-                             f"{', '.join(type(f).__name__ for f in m.fs)} ({type(e).__name__}); use export_onnx or export_jit") from e
+def _reads_sizes_only(n:torch.fx.Node)->bool:
+    "True if graph node `n` reads the graph's inputs only through their sizes"
+    seen,todo = set(),[n]
+    while todo:
+        m = todo.pop()
+        if m in seen or m.target is _A.sym_size: continue
+        if m.op=='placeholder': return False
+        seen.add(m); todo += m.all_input_nodes
+    return True
+
+class _Ints(torch.fx.Interpreter):
+    "Run a graph, keeping the value of every tensor → int conversion"
+    def run_node(self, n):
+        r = super().run_node(n)
+        if n.target is _A._local_scalar_dense.default: self.ints[n] = r
+        return r
+
+def _ints(gm, x)->dict:
+    r = _Ints(gm); r.ints = {}
+    with torch.no_grad(): r.run(x)
+    return r.ints
+
+def _batch_sizes_only(gm:torch.fx.GraphModule, x)->torch.fx.GraphModule:
+    "Make every int the TorchScript trace computed from sizes a constant, or the batch size where it follows it"
+    # the TorchScript tracer turns sizes into tensors and back (`int(t)`), which `torch.export` reads as data-dependent;
+    # exports have a fixed image size, so each such int is either constant or the batch size: run 2 and 3 rows to tell
+    a,b = _ints(gm, x[torch.arange(2)%len(x)]),_ints(gm, x[torch.arange(3)%len(x)])
+    inp,bs = next(n for n in gm.graph.nodes if n.op=='placeholder'),None
+    for n in list(a):
+        if not _reads_sizes_only(n): continue
+        if a[n]==b[n]: n.replace_all_uses_with(a[n])
+        elif (a[n],b[n])==(2,3):
+            if bs is None:
+                with gm.graph.inserting_after(inp): bs = gm.graph.call_function(_A.sym_size.int, (inp, 0))
+            n.replace_all_uses_with(bs)
+        else: continue
+        gm.graph.erase_node(n)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+def _fx(ts, x)->torch.fx.GraphModule:
+    "TorchScript module `ts`, traced on `x`, as a `torch.fx` graph of aten ops whose one symbolic size is the batch"
+    from torch._export import converter as C
+    c = C.TS2EPConverter(ts, (x,))
+    blocks,fqns = C.get_block_to_lifted_attrs(c.ts_graph)
+    gm = C.TS2FXGraphConverter(c.ts_graph, c.name_to_param, c.name_to_buffer, blocks, c.name_to_non_tensor_attributes,
+                               c.name_to_constant, fqns).convert()
+    return _batch_sizes_only(gm, x)
 
 @patch
 def export_program(self:Learner,
@@ -236,13 +269,16 @@ def export_program(self:Learner,
     check:bool=True, # Compare the saved file with `fast_get_preds` and raise if it disagrees
     example_items=None, # Items to export with and check on (default: synthetic images in the learner's mode)
 )->Path:
-    "The same graph and spec as `export_jit`, through `torch.export` (TorchScript's successor), with a dynamic batch size"
+    "The same graph and spec as `export_jit`, as a `torch.export` program (TorchScript's successor) with a dynamic batch size"
     _refuse_int8(self, 'export_program')
     spec,fname = self.export_spec('fp32'),Path(fname)
     x,items = _example(self, example_items)
-    prog = _Program(_fx_pre(self, x), ExportModule(self)).eval()
-    with torch.no_grad():
-        ep = torch.export.export(prog, (x,), dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=4096)},))
+    ts = _traced(self, x, lambda m: torch.jit.trace(m, x, check_trace=False))
+    try:
+        with torch.no_grad(): ep = torch.export.export(_fx(ts, x), (x,), dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=4096)},))
+    except Exception as e:
+        raise ValueError(f'cannot export_program: torch.export cannot capture the traced graph ({type(e).__name__}: {str(e)[:300]}); '
+                         'use export_onnx or export_jit') from e
     torch.export.save(ep, fname, extra_files={SPEC_FILE: json.dumps(spec)})
     if check: _check(self, fname, items, 'fp32')
     return fname

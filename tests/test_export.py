@@ -24,11 +24,11 @@ def check_export(kind, learn, files, p):
     lbl = p.predict(files[0])[0]
     if kind in ('single', 'bw', 'rrc', 'multi', 'presize'): eq(lbl, learn.fast_predict(files[0])[0])
 
-@pytest.mark.parametrize('fmt', ['onnx', 'pt'])
+@pytest.mark.parametrize('fmt', ['onnx', 'pt', 'pt2'])
 def test_export_parity(kind_learner, fmt, tmp_path):
-    "every learner kind (presizing and grayscale included), to ONNX and TorchScript, agrees with fast_get_preds"
+    "every learner kind (presizing and grayscale included), to ONNX, TorchScript and torch.export, agrees with fast_get_preds"
     kind,learn,files = kind_learner
-    f = learn.export_onnx if fmt=='onnx' else learn.export_jit
+    f = {'onnx': learn.export_onnx, 'pt': learn.export_jit, 'pt2': learn.export_program}[fmt]
     check_export(kind, learn, files, load(f(tmp_path/f'{kind}.{fmt}', example_items=files[:4])))
 
 def test_export_default_examples(root, tmp_path):
@@ -39,19 +39,26 @@ def test_export_default_examples(root, tmp_path):
         check_export(kind, learn, files, load(learn.export_onnx(tmp_path/f'{kind}.onnx')))
 
 def test_unet(tmp_path):
-    "a `unet_learner` segmentation model, to ONNX and TorchScript"
+    "a `unet_learner` segmentation model, to ONNX, TorchScript and torch.export"
     learn,files = unet_synth(tmp_path/'u')
-    for fn in (learn.export_onnx(tmp_path/'u.onnx'), learn.export_jit(tmp_path/'u.pt')):
+    for fn in (learn.export_onnx(tmp_path/'u.onnx'), learn.export_jit(tmp_path/'u.pt'), learn.export_program(tmp_path/'u.pt2')):
         check_export('segmentation', learn, files, load(fn))
 
-@pytest.mark.parametrize('kind', ['bw', 'regression', 'single'])
-def test_program(kind, tmp_path, root):
-    "torch.export captures the batch transforms where it can, and otherwise says which format to use"
-    from conftest import learner
-    learn,files = learner(kind, root)
-    if kind=='bw': check_export(kind, learn, files, load(learn.export_program(tmp_path/'m.pt2', example_items=files[:3])))
-    else:
-        with pytest.raises(ValueError, match='use export_onnx or export_jit'): learn.export_program(tmp_path/'m.pt2')
+def test_program_batch_sizes(single, tmp_path):
+    "an export_program file has a dynamic batch axis: any batch size gives the rows the learner gives"
+    learn,files = single
+    p = load(learn.export_program(tmp_path/'m.pt2'))
+    ref = learn.fast_get_preds(files[:9], backend='torch')[0].numpy()
+    for bs in (1, 4, 9): close(p.get_preds(files[:9], bs=bs)[0], ref, eps=1e-4)
+
+def test_program_refusal(single, tmp_path, monkeypatch):
+    "where torch.export cannot capture the traced graph, export_program says which formats to use and writes nothing"
+    learn,files = single
+    def fail(*args, **kwargs): raise RuntimeError('an op torch.export does not support')
+    monkeypatch.setattr(torch.export, 'export', fail)
+    with pytest.raises(ValueError, match='cannot export_program: .*an op torch.export does not support.*use export_onnx or export_jit'):
+        learn.export_program(tmp_path/'m.pt2')
+    assert not (tmp_path/'m.pt2').exists()
 
 def test_item_kinds(single, tmp_path):
     learn,files = single
@@ -71,13 +78,14 @@ def test_traces_any_tensor_transform(tmp_path):
     check_export('single', learn, files, load(learn.export_onnx(tmp_path/'s.onnx')))
     learn.dls.valid.after_batch.fs.append(ToList())
     learn.fast_reset()
-    with pytest.raises(ValueError, match='cannot export: the batch transform ToList .* cannot be traced'): learn.export_onnx(tmp_path/'m.onnx')
-    assert not (tmp_path/'m.onnx').exists()
+    for f,fn in ((learn.export_onnx, 'm.onnx'), (learn.export_program, 'm.pt2')):
+        with pytest.raises(ValueError, match='cannot export: the batch transform ToList .* cannot be traced'): f(tmp_path/fn)
+        assert not (tmp_path/fn).exists()
 
 def test_check_failure_removes_file(single, tmp_path, monkeypatch):
     learn,files = single
     monkeypatch.setitem(fexport.TOL, 'fp32', -1.)
-    for f,fn in ((learn.export_jit, 'm.pt'), (learn.export_onnx, 'm.onnx')):
+    for f,fn in ((learn.export_jit, 'm.pt'), (learn.export_onnx, 'm.onnx'), (learn.export_program, 'm.pt2')):
         with pytest.raises(ValueError, match='export check failed'): f(tmp_path/fn)
         assert not (tmp_path/fn).exists()
 
