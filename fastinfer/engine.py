@@ -4,7 +4,8 @@
 
 # %% ../nbs/05_engine.ipynb #5e3e3ff5
 from __future__ import annotations
-import functools, io, itertools, time, warnings
+import functools, io, itertools, threading, time, warnings
+from contextlib import contextmanager
 from fastai.basics import *
 from copy import deepcopy
 from .core import learner_device
@@ -14,8 +15,8 @@ from fastai.learner import _cast_tensor
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'BF16_FLAGS', 'PROBE_N', 'PARITY', 'COMPILE_S', 'check_precision', 'autocast_dtype', 'cpu_flags',
-           'cpu_name', 'native_bf16', 'Forward', 'TorchBackend', 'onnx_bytes', 'OnnxBackend', 'is_onnx', 'OrtModule',
-           'max_dp', 'should_compile']
+           'cpu_name', 'native_bf16', 'Forward', 'TorchBackend', 'onnx_bytes', 'ort_threads', 'torch_threads',
+           'OnnxBackend', 'is_onnx', 'OrtModule', 'max_dp', 'should_compile']
 
 # %% ../nbs/05_engine.ipynb #9383a372
 PRECISIONS = (None, 'fp32', 'bf16', 'fp16')
@@ -81,7 +82,7 @@ class TorchBackend:
         self.device,self.precision,self.bs = torch.device(device),precision,bs
         dtype = autocast_dtype(learn, precision, self.device)
         self.name = 'compile' if compiled else 'torch'
-        self.cast = any(isinstance(cb, CastToTensor) for cb in learn.cbs)
+        self.cast,self.ort = any(isinstance(cb, CastToTensor) for cb in learn.cbs),is_onnx(learn.model)
         self.version = _weights_version(learn.model)
         # eager fp32 runs fastai's own model object; other engines get a copy, so the learner is never changed
         cl = dtype is not None and self.device.type!='mps'
@@ -124,9 +125,28 @@ def onnx_bytes(model:nn.Module, xb, output_names=('y',))->bytes:
                           dynamic_axes={k: {0: 'batch'} for k in names + list(output_names)})
     return buf.getvalue()
 
+_ort = dict(n=0, saved=None, lock=threading.Lock())
+
+@contextmanager
+def ort_threads(on:bool=True):
+    "While `on`, torch's own work (batch transforms, activation) runs on one thread, leaving the cores to ONNX Runtime"
+    if not on: yield; return
+    with _ort['lock']:
+        if not _ort['n']: _ort['saved'] = torch.get_num_threads(); torch.set_num_threads(1)
+        _ort['n'] += 1
+    try: yield
+    finally:
+        with _ort['lock']:
+            _ort['n'] -= 1
+            if not _ort['n']: torch.set_num_threads(_ort['saved'])
+
+def torch_threads()->int:
+    "Torch's thread count as the user set it, also while `ort_threads` holds it at one"
+    with _ort['lock']: return _ort['saved'] if _ort['n'] else torch.get_num_threads()
+
 class OnnxBackend:
     "The learner's model exported to ONNX once (traced on batch `xb`) and run by ONNX Runtime on the CPU, in fp32"
-    name,precision = 'onnxruntime',None
+    name,precision,ort = 'onnxruntime',None,True
     def __init__(self, learn:Learner, xb):
         self.version = _weights_version(learn.model)
         was = learn.model.training
@@ -144,7 +164,7 @@ class OrtModule(nn.Module):
     is_onnx = True
     def __init__(self, onnx:bytes, name:str='model'):
         super().__init__()
-        self.ort,self.model_name = OrtModel(onnx, threads=torch.get_num_threads()),name
+        self.ort,self.model_name = OrtModel(onnx, threads=torch_threads()),name
         # fastai finds a model's device from its first parameter: an empty one says "CPU"
         self.device_anchor = nn.Parameter(torch.empty(0), requires_grad=False)
     @property
@@ -258,6 +278,13 @@ def fast_select(self:Learner,
 def fast_backend(self:Learner)->dict:
     "What `backend='auto'` chose, per `(precision, device, bs)`, and the figures behind it: ms an image, max |Δp|, what was dropped and why"
     return {k: {n:v for n,v in c.items() if n!='version'} for k,c in self.__dict__.get('_fi_choice', {}).items()}
+
+@patch
+def _fast_ort(self:Learner, backend:str, precision, device, bs:int)->bool:
+    "Whether a call's batches will run on ONNX Runtime, as far as is known before its first batch"
+    if is_onnx(self.model) or backend=='onnxruntime': return True
+    c = self.__dict__.get('_fi_choice', {}).get((precision, str(device), bs))
+    return backend=='auto' and c is not None and c['backend']=='onnxruntime'
 
 # %% ../nbs/05_engine.ipynb #b0e8e430
 COMPILE_S = 10. # one-off `torch.compile` cost of resnet18 measured on a 2-core CPU, in seconds

@@ -148,22 +148,26 @@ def _fast_iter(self:Learner, items, bs=64, act=None, device=None, num_workers=No
     if self.model.training: self.model.eval()
     pb = progress_bar(range(n_left), leave=False) if bar and n_left>1 else None
     if pb is not None: pb.update(0)
+    batches,ort,i = iter(fast_batches(items, pipes, bs, num_workers, device, fast_decode, on_error=='skip')),self._fast_ort(backend, precision, device, bs),0
     try:
-        with torch.inference_mode():
-            for i,bt in enumerate(fast_batches(items, pipes, bs, num_workers, device, fast_decode, on_error=='skip')):
-                if pb is not None: pb.update(i+1)
-                if bt.b is None:
-                    yield bt,None,None
-                    continue
-                xb = bt.b[:pipes.n_inp]
-                if eng is None: eng = self.fast_select(xb, backend, precision, device, bs)
-                t0 = time.perf_counter()
-                out = eng(xb)
-                n_left -= 1
-                if eng.name=='torch' and backend=='auto' and compile is None and n_left:
-                    _sync(device)
-                    if should_compile(None, time.perf_counter()-t0, n_left, fixed): eng = self._fast_compiled(eng, xb, out, act, bs)
-                yield bt,xb,to_detach(act(out))
+        while True:
+            # where ONNX Runtime runs the batches, torch's work between its runs (next batch's transforms, activation) takes one thread
+            with torch.inference_mode(), ort_threads(ort):
+                bt,res = next(batches, None),(None,None)
+                if bt is None: break
+                i += 1
+                if pb is not None: pb.update(i)
+                if bt.b is not None:
+                    xb = bt.b[:pipes.n_inp]
+                    if eng is None: eng = self.fast_select(xb, backend, precision, device, bs)
+                    t0 = time.perf_counter()
+                    out = eng(xb)
+                    n_left -= 1
+                    if eng.name=='torch' and backend=='auto' and compile is None and n_left:
+                        _sync(device)
+                        if should_compile(None, time.perf_counter()-t0, n_left, fixed): eng = self._fast_compiled(eng, xb, out, act, bs)
+                    res,ort = (xb,to_detach(act(out))),eng.ort
+            yield bt,*res
     finally:
         torch.backends.cudnn.benchmark = bench
         if pb is not None: pb.on_iter_end()
@@ -329,7 +333,7 @@ class LearnerPredictor(Predictor):
     def run(self, samples:list)->np.ndarray:
         p,learn = self.pipes,self.learn
         act = getcallable(learn.loss_func, 'activation')
-        with torch.inference_mode():
+        with torch.inference_mode(), ort_threads(learn._fast_ort(self.backend_arg, self.precision, self.device, len(samples))):
             xb = p.batch(p.collate(samples), self.device)[:p.n_inp]
             out = learn.fast_select(xb, self.backend_arg, self.precision, self.device, len(samples))(xb)
             return to_float(act(out)).cpu().numpy()

@@ -73,6 +73,24 @@ def test_quantized_learner_runs_its_int8_model(single):
     assert isinstance(ql.model, OrtModule)
     eq(ql.fast_select(None).name, 'torch')  # the OrtModule runs ONNX Runtime itself: nothing to choose
 
+def test_one_torch_thread_while_ort_runs(single, monkeypatch):
+    "torch runs on one thread around ONNX Runtime batches, all its threads around torch ones, and gets its count back, also after concurrent calls"
+    from concurrent.futures import ThreadPoolExecutor
+    learn,files = single
+    n,seen = torch.get_num_threads(),{}
+    for cls in (engine.OnnxBackend, engine.TorchBackend):
+        def spy(self, xb, f=cls.__call__): seen.setdefault(self.name, set()).add(torch.get_num_threads()); return f(self, xb)
+        monkeypatch.setattr(cls, '__call__', spy)
+    ref = learn.fast_get_preds(files, bs=8, backend='torch')[0]
+    eq(learn.fast_get_preds(files, bs=8, backend='onnxruntime')[0].shape, ref.shape)
+    eq(seen, {'torch': {n}, 'onnxruntime': {1}})
+    eq(torch.get_num_threads(), n)
+    with ThreadPoolExecutor(4) as ex: res = list(ex.map(lambda f: learn.fast_predict(f, backend='onnxruntime')[2], files[:12]))
+    close(torch.stack(res), ref[:12], eps=1e-5)
+    eq(torch.get_num_threads(), n)
+    learn.fast_reset()  # an ONNX Runtime session built while torch is held at one thread still gets the user's count
+    with engine.ort_threads(): eq(learn.fast_engine('onnxruntime', xb=(ref.new_zeros(2, 3, 40, 40),)).model.ort.threads, n)
+
 def test_prefetch_order_errors_and_early_stop():
     from fastinfer.preds import prefetch
     eq(list(prefetch(iter(range(50)))), list(range(50)))
