@@ -92,6 +92,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'fastinfer.engine.TorchBackend.__init__': ('engine.html#torchbackend.__init__', 'fastinfer/engine.py'),
                                   'fastinfer.engine.TorchBackend.fresh': ('engine.html#torchbackend.fresh', 'fastinfer/engine.py'),
                                   'fastinfer.engine._bf16_missing': ('engine.html#_bf16_missing', 'fastinfer/engine.py'),
+                                  'fastinfer.engine._emulated_bf16': ('engine.html#_emulated_bf16', 'fastinfer/engine.py'),
                                   'fastinfer.engine._plain': ('engine.html#_plain', 'fastinfer/engine.py'),
                                   'fastinfer.engine._weights_version': ('engine.html#_weights_version', 'fastinfer/engine.py'),
                                   'fastinfer.engine.autocast_dtype': ('engine.html#autocast_dtype', 'fastinfer/engine.py'),

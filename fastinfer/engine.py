@@ -213,6 +213,8 @@ def _fast_warn(self:Learner, msg:str):
     seen = self.__dict__.setdefault('_fi_warnings', set())
     if msg not in seen: seen.add(msg); warnings.warn(f'fastinfer: {msg}', stacklevel=4)
 
+def _emulated_bf16(precision, device)->bool: return precision=='bf16' and torch.device(device).type=='cpu' and not native_bf16()
+
 def _bf16_missing()->str:
     return f"this CPU has no native bf16 (none of {', '.join(BF16_FLAGS)} in its flags), so bf16 would be emulated, slower than fp32"
 
@@ -264,7 +266,7 @@ def fast_select(self:Learner,
     check_precision(precision, device)
     # a quantized learner's model is an ONNX Runtime int8 session already
     if is_onnx(self.model): return self.fast_engine('torch', None, device)
-    if precision=='bf16' and device.type=='cpu' and not native_bf16():
+    if _emulated_bf16(precision, device):
         self._fast_warn(f"precision='bf16' falls back to fp32: {_bf16_missing()}")
         precision = None
     if backend!='auto': return self.fast_engine(backend, precision, device, bs, xb)
@@ -283,7 +285,7 @@ def fast_backend(self:Learner)->dict:
 def _fast_ort(self:Learner, backend:str, precision, device, bs:int)->bool:
     "Whether a call's batches will run on ONNX Runtime, as far as is known before its first batch"
     if is_onnx(self.model) or backend=='onnxruntime': return True
-    c = self.__dict__.get('_fi_choice', {}).get((precision, str(device), bs))
+    c = self.__dict__.get('_fi_choice', {}).get((None if _emulated_bf16(precision, device) else precision, str(device), bs))
     return backend=='auto' and c is not None and c['backend']=='onnxruntime'
 
 # %% ../nbs/05_engine.ipynb #b0e8e430
