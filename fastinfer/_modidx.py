@@ -163,6 +163,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'fastinfer.preds.LearnerPredictor.run': ('preds.html#learnerpredictor.run', 'fastinfer/preds.py'),
                                  'fastinfer.preds._bar': ('preds.html#_bar', 'fastinfer/preds.py'),
                                  'fastinfer.preds._collate': ('preds.html#_collate', 'fastinfer/preds.py'),
+                                 'fastinfer.preds._decode_first': ('preds.html#_decode_first', 'fastinfer/preds.py'),
                                  'fastinfer.preds._fill': ('preds.html#_fill', 'fastinfer/preds.py'),
                                  'fastinfer.preds._fill_rows': ('preds.html#_fill_rows', 'fastinfer/preds.py'),
                                  'fastinfer.preds._items': ('preds.html#_items', 'fastinfer/preds.py'),

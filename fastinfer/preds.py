@@ -5,6 +5,7 @@
 # %% ../nbs/01_preds.ipynb #6aebd954
 from __future__ import annotations
 import math, queue, threading, time, warnings
+from concurrent.futures import ThreadPoolExecutor
 from torch.utils.data import DataLoader as TorchDL, Dataset
 from fastai.basics import *
 from fastai.callback.progress import ProgressCallback
@@ -71,6 +72,13 @@ def prefetch(gen, n:int=1):
             yield o
     finally: stop.set()
 
+def _decode_first(ds, i:int, j:int)->list:
+    "Items `i` to `j` of `ds` decoded in threads: nothing else runs before the first batch, so it may take every core"
+    # Pillow releases the GIL while decoding; `pipes.item` serialises fastai's stateful item transforms itself. Training-mode
+    # pipelines (`fast_tta`) draw random numbers per item, so they decode in order, where a seed gives the same draws
+    if j-i < 2 or defaults.cpus < 2 or ds.pipes.split_idx!=1: return [ds[k] for k in range(i, j)]
+    with ThreadPoolExecutor(min(defaults.cpus, j-i), thread_name_prefix='fastinfer-decode') as ex: return list(ex.map(ds.__getitem__, range(i, j)))
+
 def fast_batches(items, pipes:InferPipes, bs:int=64, num_workers:int=0, device=None, fast_decode:bool=False, skip:bool=False):
     "`Batch`es of `items` in input order, decoded in `num_workers` processes, or a thread one batch ahead; `skip` failed items instead of raising"
     ds,coll = ItemsDataset(items, pipes, fast_decode, skip),partial(_collate, pipes)
@@ -78,7 +86,7 @@ def fast_batches(items, pipes:InferPipes, bs:int=64, num_workers:int=0, device=N
         it = TorchDL(ds, batch_size=bs, num_workers=num_workers, collate_fn=coll, timeout=WORKER_TIMEOUT,
                      pin_memory=torch.device(device or 'cpu').type=='cuda')
     else:
-        it = (coll([ds[j] for j in range(i, min(i+bs, len(ds)))]) for i in range(0, len(ds), bs))
+        it = (coll(_decode_first(ds, i, min(i+bs, len(ds))) if i==0 else [ds[j] for j in range(i, min(i+bs, len(ds)))]) for i in range(0, len(ds), bs))
         # Pillow's decoding and the model (torch, ONNX Runtime) release the GIL: decode the next batch meanwhile
         if len(ds) > bs: it = prefetch(it)
     it,k = iter(it),0

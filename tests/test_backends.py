@@ -107,6 +107,23 @@ def test_prefetch_order_errors_and_early_stop():
     import time; time.sleep(0.3)
     assert len(seen) < 10  # the thread stopped with its consumer
 
+def test_first_batch_decoded_in_threads(single, monkeypatch):
+    "the first batch is decoded on every core, in order: same rows, and a bad item is named as a serial decode names it"
+    import threading
+    from fastai.vision.all import defaults
+    from fastinfer.preds import ItemsDataset
+    learn,files = single
+    names,get = set(),ItemsDataset.__getitem__
+    def spy(self, i): names.add(threading.current_thread().name); return get(self, i)
+    monkeypatch.setattr(ItemsDataset, '__getitem__', spy)
+    monkeypatch.setattr(defaults, 'cpus', 2)
+    items = files[:5] + ['missing0.png'] + files[5:9] + ['missing1.png']
+    probs,_,errors = learn.fast_get_preds(items, on_error='skip')
+    assert any(n.startswith('fastinfer-decode') for n in names)
+    eq([e[0] for e in errors], [5, 10])
+    close(probs[[0,1,2,3,4,6,7,8,9]], learn.fast_get_preds(files[:9], bs=1, backend='torch')[0], eps=1e-5)
+    with pytest.raises(ValueError, match='item 5.*missing0.png'): learn.fast_get_preds(items)
+
 IMPORT = """
 import warnings; warnings.filterwarnings('ignore')
 import fastinfer
