@@ -86,10 +86,11 @@ def test_overload_and_timeout(model):
 def test_sigterm_finishes_in_flight(model):
     learn,files,fn,_ = model
     data = files[0].read_bytes()
-    with ServerProcess(fn, '--max-wait-ms', '200', '--max-batch', '64') as s:
+    # the batcher holds the requests for 3 s: 1 s to connect even on a loaded machine (0.1 s was once too short), then SIGTERM
+    with ServerProcess(fn, '--max-wait-ms', '3000', '--max-batch', '64') as s:
         with ThreadPoolExecutor(8) as ex:
             futs = [ex.submit(post, s.url, data) for _ in range(8)]
-            time.sleep(0.1)  # they are waiting in the batcher now
+            time.sleep(1.0)  # they are waiting in the batcher now
             s.proc.send_signal(signal.SIGTERM)
             res = [f.result() for f in futs]
         eq([r.status_code for r in res], [200]*8)
