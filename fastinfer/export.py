@@ -124,12 +124,14 @@ def _traced(learn, x, f, **kwargs):
 TOL = {'fp32': 1e-4, 'bf16': 5e-2, 'int8': 1e-2}  # max |Δp| an export may differ from `fast_get_preds` by
 
 def _example(learn, items=None, n:int=3):
-    "A uint8 batch of `items` (default: `n` synthetic images in the learner's mode), and the items"
+    "A uint8 batch of `items` (default: `n` synthetic images in the learner's mode; at least 2 rows), and the items"
     p = learn.fast_pipes
     if items is None:
         rng = np.random.default_rng(0)
         items = [Image.fromarray(rng.integers(0, 256, (96+8*i, 80+16*i, 3), dtype=np.uint8)).convert(p.modes[0]) for i in range(n)]
-    return torch.Tensor(p.collate([p.item(o) for o in items])[0]).as_subclass(Tensor),items
+    x = torch.Tensor(p.collate([p.item(o) for o in items])[0]).as_subclass(Tensor)
+    # traced on one row, a graph may keep batch size 1 (torch.export refuses to make it dynamic)
+    return x[torch.arange(max(2, len(x)))%len(x)],items
 
 def _check(learn, fname, items, precision):
     "Raise (removing `fname`) if the saved export disagrees with `fast_get_preds` on `items` by more than `TOL[precision]`"
