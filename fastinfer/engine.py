@@ -286,7 +286,8 @@ def _fast_ort(self:Learner, backend:str, precision, device, bs:int)->bool:
     "Whether a call's batches will run on ONNX Runtime, as far as is known before its first batch"
     if is_onnx(self.model) or backend=='onnxruntime': return True
     c = self.__dict__.get('_fi_choice', {}).get((None if _emulated_bf16(precision, device) else precision, str(device), bs))
-    return backend=='auto' and c is not None and c['backend']=='onnxruntime'
+    # a choice made for other weights is measured again, and that probe must time eager torch on all its threads
+    return backend=='auto' and c is not None and c['backend']=='onnxruntime' and c['version']==_weights_version(self.model)
 
 # %% ../nbs/05_engine.ipynb #b0e8e430
 COMPILE_S = 10. # one-off `torch.compile` cost of resnet18 measured on a 2-core CPU, in seconds

@@ -107,6 +107,16 @@ def test_prefetch_order_errors_and_early_stop():
     import time; time.sleep(0.3)
     assert len(seen) < 10  # the thread stopped with its consumer
 
+def test_ort_hint_needs_a_current_choice(single):
+    "torch is held at one thread from a call's start only where a choice of ONNX Runtime stands for the current weights"
+    learn,files = single
+    learn.fast_reset()
+    learn._fi_choice[(None, 'cpu', 4)] = dict(backend='onnxruntime', version=engine._weights_version(learn.model))
+    assert learn._fast_ort('auto', None, 'cpu', 4) and not learn._fast_ort('torch', None, 'cpu', 4)
+    with torch.no_grad(): next(learn.model.parameters()).add_(0)  # changed in place: the choice is measured again
+    assert not learn._fast_ort('auto', None, 'cpu', 4)
+    learn.fast_reset()
+
 def test_first_batch_decoded_in_threads(single, monkeypatch):
     "the first batch is decoded on every core, in order: same rows, and a bad item is named as a serial decode names it"
     import threading
