@@ -9,7 +9,7 @@ import numpy as np
 from .runtime import BACKENDS
 
 # %% auto #0
-__all__ = ['IMG_EXTS', 'expand_items', 'load_model', 'parser', 'main']
+__all__ = ['IMG_EXTS', 'expand_items', 'parser', 'main']
 
 # %% ../nbs/04_cli.ipynb #20a33b98
 def _bench_serve(args, learn, items):
@@ -116,20 +116,6 @@ def _rows(idx, probs, dec, vocab, items, topk):
             r['topk'] = json.dumps([[vocab[j], round(float(p[j]), 6)] for j in ix])
         yield r
 
-def load_model(fname, device=None, backend='auto', precision=None):
-    "A `Predictor` for `fname`: a fastinfer export (`.onnx` needs no torch), or a fastai `.pkl` (which runs pickled code when loaded)"
-    from pathlib import Path
-    if Path(fname).suffix in ('.onnx', '.pt', '.pt2'):
-        from fastinfer.runtime import load
-        return load(fname, device=device or 'cpu')
-    import warnings
-    from fastai.learner import load_learner
-    from fastinfer.preds import LearnerPredictor
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        learn = load_learner(fname, cpu=device in (None, 'cpu'))
-    return LearnerPredictor(learn, backend, precision, device)
-
 def _write(it, items, out, vocab, topk)->tuple:
     "Write the rows of `(idx, probs, dec, errors)` batches from `it` to `out` (CSV, or JSONL by its suffix): `(rows, errors)`"
     import csv
@@ -153,6 +139,7 @@ def _predict(args):
     items,out = expand_items(args.items),Path(args.out)
     if not items: sys.exit('fastinfer predict: no items found')
     if args.ray: return _predict_ray(args, items, out)
+    from fastinfer.predictor import load_model
     p = load_model(args.model, args.device, args.backend, args.precision)
     ctx = contextlib.nullcontext()
     if hasattr(p, 'learn'):

@@ -6,14 +6,14 @@
 from __future__ import annotations
 import io, threading, warnings
 from fastai.basics import *
-from fastai.vision.core import PILBase
+from fastai.vision.core import PILBase, PILMask, TensorPoint
 from fastai.vision.augment import Resize, RandomResizedCrop
 from fasttransform.transform import compose_tfms
 from PIL import Image
-from .runtime import item_desc, item_message, image_size
+from .runtime import item_desc, item_message, image_size, FORMAT, VERSION, check_spec
 
 # %% auto #0
-__all__ = ['ItemError', 'item_error', 'is_vision', 'InferPipes', 'size_spec', 'reload_learner', 'learner_device']
+__all__ = ['ItemError', 'item_error', 'is_vision', 'InferPipes', 'size_spec', 'learner_spec', 'reload_learner', 'learner_device']
 
 # %% ../nbs/00_core.ipynb #7a7bc9bf
 class ItemError(ValueError):
@@ -111,6 +111,31 @@ def size_spec(fs)->dict:
     d = dict(size=[int(o) for o in r.size], resample=int(r.mode))
     if isinstance(r, RandomResizedCrop): return dict(kind='rrc', val_xtra=float(r.val_xtra), **d)
     return dict(kind='resize', method=str(r.method), pad_mode=str(r.pad_mode), **d)
+
+# %% ../nbs/00_core.ipynb #f2f475bf
+def _task(learn)->tuple:
+    "`(task, vocab, thresh)` from the learner's target pipeline"
+    tls = learn.dls.valid_ds.tls
+    if len(tls) <= learn.dls.n_inp: raise ValueError('the learner has no target pipeline to decode with')
+    fs,out = tls[learn.dls.n_inp].tfms.fs,(getattr(tls[learn.dls.n_inp], 'types', None) or [None])[-1]
+    thresh = getattr(learn.loss_func, 'thresh', None)
+    if any(isinstance(f, MultiCategorize) for f in fs): return 'multi',list(map(str, learn.dls.vocab)),float(thresh if thresh is not None else 0.5)
+    if any(isinstance(f, Categorize) for f in fs): return 'single',list(map(str, learn.dls.vocab)),None
+    if any(isinstance(f, RegressionSetup) for f in fs): return 'regression',None,None
+    if isinstance(out, type) and issubclass(out, PILMask): return 'segmentation',None,None
+    if isinstance(out, type) and issubclass(out, TensorPoint): return 'points',None,None
+    raise ValueError(f'cannot export: unknown target pipeline {fs}')
+
+def learner_spec(learn:Learner, precision:str='fp32')->dict:
+    "The JSON spec of `learn`'s input, validation-mode size transform and task: what an export carries and a `Predictor` decodes with"
+    p = learn.fast_pipes
+    if not is_vision(learn.dls) or learn.dls.n_inp!=1: raise ValueError('export needs a vision learner with one image input')
+    task,vocab,thresh = _task(learn)
+    import fastai, fastinfer
+    return check_spec(dict(format=FORMAT, version=VERSION, input=dict(mode=p.modes[0]), resize=size_spec(p.after_item), task=task,
+        vocab=vocab, thresh=thresh, precision=precision,
+        versions=dict(fastinfer=fastinfer.__version__, torch=torch.__version__, fastai=fastai.__version__)))
+
 
 # %% ../nbs/00_core.ipynb #e0f0c871
 @patch(as_prop=True)

@@ -14,9 +14,9 @@ from fastai.callback.fp16 import MixedPrecision, AMPMode
 from fastai.learner import _cast_tensor
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'BF16_FLAGS', 'PROBE_N', 'PARITY', 'COMPILE_S', 'check_precision', 'autocast_dtype', 'cpu_flags',
-           'cpu_name', 'native_bf16', 'Forward', 'TorchBackend', 'onnx_bytes', 'ort_threads', 'torch_threads',
-           'OnnxBackend', 'is_onnx', 'OrtModule', 'max_dp', 'should_compile']
+__all__ = ['PRECISIONS', 'BF16_FLAGS', 'PROBE_N', 'PARITY', 'PROBE_MARGIN', 'COMPILE_S', 'check_precision', 'autocast_dtype',
+           'cpu_flags', 'cpu_name', 'native_bf16', 'Forward', 'TorchBackend', 'onnx_export', 'onnx_bytes',
+           'ort_threads', 'torch_threads', 'OnnxBackend', 'is_onnx', 'OrtModule', 'max_dp', 'should_compile']
 
 # %% ../nbs/05_engine.ipynb #9383a372
 PRECISIONS = (None, 'fp32', 'bf16', 'fp16')
@@ -73,7 +73,16 @@ class Forward(nn.Module):
 
 def _weights_version(model)->tuple:
     "Changes when `model` is replaced, or a parameter or buffer of it is changed in place (training, `load`)"
-    return (id(model),) + tuple(t._version for t in itertools.chain(model.parameters(), model.buffers()))
+    # walking the modules costs ~0.2 ms a call on a small tabular model, a fifth of a `fast_predict`: the tensors are listed once
+    ts = model.__dict__.get('_fi_tensors')
+    if ts is None or ts[0]!=len(model._modules): ts = model.__dict__['_fi_tensors'] = (len(model._modules), list(itertools.chain(model.parameters(), model.buffers())))
+    return (id(model),) + tuple(t._version for t in ts[1])
+
+def _no_compile(model)->str:
+    "Why `model` is not worth `torch.compile`, or `None`"
+    # measured on a `unet_learner` (Zen 4): 75 s in dynamo, then a RecursionError, through the fastai tensor subclass it returns
+    if any(type(m).__name__=='ToTensorBase' for m in model.modules()):
+        return "its output is a fastai tensor subclass (ToTensorBase), which torch.compile spends minutes on and then fails"
 
 # %% ../nbs/05_engine.ipynb #19a90fdf
 class TorchBackend:
@@ -89,6 +98,8 @@ class TorchBackend:
         if cl or compiled: model = deepcopy(learn.model).eval().to(self.device, memory_format=torch.channels_last if cl else torch.preserve_format)
         else: model = learn.model.to(self.device)
         self.model,self.fwd = model,Forward(model, dtype, channels_last=cl)
+        if compiled and (why := _no_compile(model)):
+            warnings.warn(f'fastinfer: not compiling {type(model).__name__}: {why}; running eager'); compiled = False
         self.compiled = torch.compile(self.fwd, dynamic=False, options={'freezing': True}) if compiled else None
         self.warm = False
 
@@ -114,16 +125,28 @@ class TorchBackend:
 # %% ../nbs/05_engine.ipynb #7a1c2e90
 def _plain(xb)->list: return [x.detach().cpu().as_subclass(Tensor) if isinstance(x, Tensor) else x for x in xb]
 
-def onnx_bytes(model:nn.Module, xb, output_names=('y',))->bytes:
-    "`model` traced on two rows of the example batch tuple `xb` and exported to ONNX, with a dynamic batch axis"
+class _OutType(nn.Module):
+    "`model`, remembering the type of its output (fastai's `DynamicUnet` returns a `TensorBase`) as it is traced"
+    def __init__(self, model): super().__init__(); self.model,self.out_type = model,Tensor
+    def forward(self, *xb):
+        out = self.model(*xb)
+        self.out_type = type(out)
+        return out
+
+def onnx_export(model:nn.Module, xb, output_names=('y',))->tuple:
+    "`(onnx, out_type)`: `model` traced on two rows of the example batch tuple `xb` and exported to ONNX with a dynamic batch axis, and its output's type"
     buf,names = io.BytesIO(),[f'x{i}' for i in range(len(xb))]
     # tracing runs the model eagerly: on a whole batch of 64 that was 3 s of a 7.6 s first call (resnet18, Zen 3)
-    xb = [x[:2] for x in _plain(xb)]
+    xb,m = [x[:2] for x in _plain(xb)],_OutType(model).train(model.training)  # the exporter restores the wrapper's mode on `model`
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter('ignore')  # TracerWarnings about shapes, and TorchScript's deprecation notice
-        torch.onnx.export(model, tuple(xb), buf, dynamo=False, input_names=names, output_names=list(output_names),
+        torch.onnx.export(m, tuple(xb), buf, dynamo=False, input_names=names, output_names=list(output_names),
                           dynamic_axes={k: {0: 'batch'} for k in names + list(output_names)})
-    return buf.getvalue()
+    return buf.getvalue(),m.out_type
+
+def onnx_bytes(model:nn.Module, xb, output_names=('y',))->bytes:
+    "`model` traced on two rows of the example batch tuple `xb` and exported to ONNX, with a dynamic batch axis"
+    return onnx_export(model, xb, output_names)[0]
 
 _ort = dict(n=0, saved=None, lock=threading.Lock())
 
@@ -149,9 +172,7 @@ class OnnxBackend:
     name,precision,ort = 'onnxruntime',None,True
     def __init__(self, learn:Learner, xb):
         self.version = _weights_version(learn.model)
-        was = learn.model.training
-        try: self.model = OrtModule(onnx_bytes(learn.model.eval().cpu(), xb), type(learn.model).__name__)
-        finally: learn.model.train(was)
+        self.model = OrtModule(*onnx_export(learn.model.eval().cpu(), xb), name=type(learn.model).__name__)
     def __call__(self, xb:tuple): return self.model(*xb)
     def fresh(self, learn)->bool: return _weights_version(learn.model)==self.version
 
@@ -162,14 +183,16 @@ def is_onnx(model)->bool:
 class OrtModule(nn.Module):
     "An ONNX model (`bytes`) as a torch module on the CPU: how a `quantize`d learner carries its int8 model"
     is_onnx = True
-    def __init__(self, onnx:bytes, name:str='model'):
+    def __init__(self, onnx:bytes, out_type=Tensor, name:str='model'):
         super().__init__()
-        self.ort,self.model_name = OrtModel(onnx, threads=torch_threads()),name
+        self.ort,self.out_type,self.model_name = OrtModel(onnx, threads=torch_threads()),out_type,name
         # fastai finds a model's device from its first parameter: an empty one says "CPU"
         self.device_anchor = nn.Parameter(torch.empty(0), requires_grad=False)
     @property
     def onnx(self)->bytes: return self.ort.model
-    def forward(self, *xs): return torch.from_numpy(self.ort(*(x.numpy() for x in _plain(xs))))
+    def forward(self, *xs):
+        out = torch.from_numpy(self.ort.named(**{f'x{i}': x.numpy() for i,x in enumerate(_plain(xs))}))
+        return out if self.out_type is Tensor else out.as_subclass(self.out_type)  # the type eager torch returns
 
 # %% ../nbs/05_engine.ipynb #57955270
 @patch
@@ -199,8 +222,9 @@ def fast_reset(self:Learner):
     return self
 
 # %% ../nbs/05_engine.ipynb #2b7e4c19
-PROBE_N = 4     # rows of the first batch each candidate is timed and checked on
-PARITY = 1e-5   # max |Δp| a backend may differ from eager fp32 by, to be chosen by 'auto'
+PROBE_N = 8        # rows of the first batch each candidate is timed and checked on
+PARITY = 1e-5      # the promise: max |Δp| of any row between a backend 'auto' chose and eager fp32 torch
+PROBE_MARGIN = 10  # a candidate is chosen only if its probe rows are within `PARITY/PROBE_MARGIN`, so the rows it never saw keep the promise
 
 def max_dp(a, b)->float:
     "Max |`a`-`b`|, relative to `b`'s scale where that exceeds 1 (regression and keypoint outputs)"
@@ -240,9 +264,9 @@ def _fast_measure(self:Learner, xb, precision, device, bs:int)->dict:
             continue
         if ref is None: ref = out
         dps[label] = max_dp(out, ref)
-        if prec!='bf16' and dps[label] > PARITY:
+        if prec!='bf16' and dps[label] > PARITY/PROBE_MARGIN:
             del ms[label]
-            dropped[label] = f'max |Δp| {dps[label]:.1e} against eager fp32 > {PARITY:.0e}'
+            dropped[label] = f'max |Δp| {dps[label]:.1e} against eager fp32 > {PARITY/PROBE_MARGIN:.0e}'
             self._fast_warn(f'backend {label!r} dropped: {dropped[label]} on the first batch')
     fp32 = min((k for k in ms if k!='torch bf16'), key=ms.get)
     best = fp32
@@ -264,6 +288,8 @@ def fast_select(self:Learner,
     if backend not in BACKENDS: raise ValueError(f'backend={backend!r}: expected one of {BACKENDS}')
     device = learner_device(self, device)
     check_precision(precision, device)
+    # every path runs the model as fastai's `predict` does: in eval mode (a `.pkl` may hold it in training mode)
+    if self.model.training: self.model.eval()
     # a quantized learner's model is an ONNX Runtime int8 session already
     if is_onnx(self.model): return self.fast_engine('torch', None, device)
     if _emulated_bf16(precision, device):

@@ -17,33 +17,10 @@ from .preds import *
 from .runtime import FORMAT, VERSION, SPEC_FILE, check_spec, load
 
 # %% auto #0
-__all__ = ['TOL', 'learner_spec', 'ExportModule', 'tracing_fastai']
+__all__ = ['TOL', 'ExportModule', 'tracing_fastai']
 
 # %% ../nbs/07_export.ipynb #e83ac92b
 _item_ok = (ToTensor, PointScaler, AddMaskCodes)
-
-def _task(learn)->tuple:
-    "`(task, vocab, thresh)` from the learner's target pipeline"
-    tls = learn.dls.valid_ds.tls
-    if len(tls) <= learn.dls.n_inp: raise ValueError('the learner has no target pipeline to decode with')
-    fs,out = tls[learn.dls.n_inp].tfms.fs,(getattr(tls[learn.dls.n_inp], 'types', None) or [None])[-1]
-    thresh = getattr(learn.loss_func, 'thresh', None)
-    if any(isinstance(f, MultiCategorize) for f in fs): return 'multi',list(map(str, learn.dls.vocab)),float(thresh if thresh is not None else 0.5)
-    if any(isinstance(f, Categorize) for f in fs): return 'single',list(map(str, learn.dls.vocab)),None
-    if any(isinstance(f, RegressionSetup) for f in fs): return 'regression',None,None
-    if isinstance(out, type) and issubclass(out, PILMask): return 'segmentation',None,None
-    if isinstance(out, type) and issubclass(out, TensorPoint): return 'points',None,None
-    raise ValueError(f'cannot export: unknown target pipeline {fs}')
-
-def learner_spec(learn:Learner, precision:str='fp32')->dict:
-    "The JSON spec of `learn`'s input, validation-mode size transform and task: what an export carries and a `Predictor` decodes with"
-    p = learn.fast_pipes
-    if not is_vision(learn.dls) or learn.dls.n_inp!=1: raise ValueError('export needs a vision learner with one image input')
-    task,vocab,thresh = _task(learn)
-    import fastai
-    return check_spec(dict(format=FORMAT, version=VERSION, input=dict(mode=p.modes[0]), resize=size_spec(p.after_item), task=task,
-        vocab=vocab, thresh=thresh, precision=precision,
-        versions=dict(fastinfer=fastinfer.__version__, torch=torch.__version__, fastai=fastai.__version__)))
 
 @patch
 def export_spec(self:Learner, precision:str='fp32')->dict:
@@ -165,9 +142,10 @@ def _int8_graph(learn:Learner, x)->bytes:
 def export_onnx(self:Learner,
     fname='export.onnx', # Where to save the ONNX model
     check:bool=True, # Compare the saved file with `fast_get_preds` and raise if it disagrees
-    example_items=None, # Items to trace with and check on (default: synthetic images in the learner's mode)
+    example_items=None, # Items to trace with and check on (default: synthetic images in the learner's mode; for a table, random rows)
 )->Path:
-    "One ONNX graph (uint8 batch → probabilities) with the spec in its metadata, for ONNX Runtime without torch; int8 for a `quantize`d learner"
+    "One ONNX graph (uint8 batch → probabilities; for a table, `x_cat`, `x_cont` → probabilities) with the spec in its metadata, for ONNX Runtime without torch; int8 for a `quantize`d learner"
+    if self._fast_tabular(): return self._export_tab_onnx(fname, check, example_items)
     import onnx
     int8 = is_onnx(self.model)
     spec,fname = self.export_spec('int8' if int8 else 'fp32'),Path(fname)

@@ -11,6 +11,7 @@ from fastai.basics import *
 from fastai.callback.progress import ProgressCallback
 from .core import *
 from .engine import *
+from .tabular import is_tabular, tab_unsupported, failed_rows
 from .runtime import Predictor, points_to_orig, mask_to_orig, image_size, BACKENDS
 from fastai.vision.core import TensorPoint, TensorMask
 from fastprogress.fastprogress import progress_bar
@@ -108,11 +109,16 @@ def _items(items, vision=True):
     return items
 
 @patch
+def _fast_tabular(self:Learner)->bool:
+    "Whether the learner is tabular and fastinfer reproduces its procs (else it falls back to fastai, with one warning)"
+    return is_tabular(self.dls) and not tab_unsupported(self.dls)
+
+@patch
 def _warn_fallback(self:Learner):
     if getattr(self, '_fi_warned', False): return
     self._fi_warned = True
-    warnings.warn(f"fastinfer: these {type(self.dls).__name__} are not vision `Datasets`; fastinfer uses fastai's own "
-                  "`get_preds`/`predict` for them: same answers, no speed-up")
+    why = tab_unsupported(self.dls) if is_tabular(self.dls) else f'these {type(self.dls).__name__} are not vision `Datasets` or tabular data'
+    warnings.warn(f"fastinfer: {why}; fastinfer uses fastai's own `get_preds`/`predict` for this learner: same answers, no speed-up")
 
 # %% ../nbs/01_preds.ipynb #7d3c7eb1
 def auto_workers(n:int, bs:int, device)->int:
@@ -194,9 +200,9 @@ def _fast_compiled(self:Learner, eager, xb, out, act, bs:int):
     return c if ok[key] else eager
 
 @patch
-def _fast_like(self:Learner, precision=None, device=None)->tuple:
-    "One row of input and of prediction, to shape the output of a batch whose every item failed"
-    (bt,xb,pr), = self._fast_iter([Image.new(self.fast_pipes.modes[0], (64,64))], 1, precision=precision, device=device, num_workers=0, backend='torch')
+def _fast_like(self:Learner, precision=None, device=None, act=None)->tuple:
+    "One row of input and of prediction (through `act`), to shape the output of a batch whose every item failed"
+    (bt,xb,pr), = self._fast_iter([Image.new(self.fast_pipes.modes[0], (64,64))], 1, act, precision=precision, device=device, num_workers=0, backend='torch')
     return to_detach(xb),pr
 
 # %% ../nbs/01_preds.ipynb #a76bbea0
@@ -217,12 +223,14 @@ def _bar(learn)->bool: return any(isinstance(cb, ProgressCallback) for cb in lea
 @patch
 def fast_iter_preds(self:Learner,
     items, # Items: paths, PIL images, HWC uint8 arrays or tensors, encoded bytes
-    bs:int=64, # Batch size
+    bs:int=None, # Batch size (default: 64 images, 4096 table rows)
     on_error:str='raise', # 'raise': stop at a bad item, naming it; 'skip': NaN/-1 rows and a 4th element of errors
     **kwargs # `act`, `device`, `num_workers`, `precision`, `backend`, `compile`, `fast_decode`, as in `fast_get_preds`
 ):
-    "Yield `(indices, preds, decoded)` a batch at a time, in input order, with flat memory however many items"
-    if not is_vision(self.dls): raise NotImplementedError('fast_iter_preds needs a vision learner: use fast_get_preds')
+    "Yield `(indices, preds, decoded)` a batch at a time, in input order, with flat memory however many items (or table rows)"
+    if self._fast_tabular(): return (yield from self._fast_tab_iter_preds(items, ifnone(bs, 4096), on_error, **kwargs))
+    if not is_vision(self.dls): raise NotImplementedError('fast_iter_preds needs a vision or tabular learner: use fast_get_preds')
+    bs = ifnone(bs, 64)
     items,decodes,like = _items(items),getcallable(self.loss_func, 'decodes'),None
     for bt,xb,p in self._fast_iter(items, bs, on_error=on_error, bar=_bar(self), **kwargs):
         if p is None and like is None: like = self._fast_like(kwargs.get('precision'), kwargs.get('device'))
@@ -237,8 +245,8 @@ def _fill_rows(bt, p, dec, like, decodes)->tuple:
 # %% ../nbs/01_preds.ipynb #410535b5
 @patch
 def fast_get_preds(self:Learner,
-    items, # Items: paths, PIL images, HWC uint8 arrays or tensors, encoded bytes
-    bs:int=64, # Batch size
+    items, # Items: paths, PIL images, HWC uint8 arrays or tensors, encoded bytes; table rows: a DataFrame, dict of columns or list of dict rows
+    bs:int=None, # Batch size (default: 64 images; 4096 table rows, or `test_dl`'s batch size with `backend='torch'`)
     with_input:bool=False, # Return the inputs first, as `get_preds` does
     with_decoded:bool=False, # Return `loss_func.decodes` of the predictions
     fully_decoded:bool=False, # Append every item's fully decoded output: class names, label lists, points, masks...
@@ -252,30 +260,34 @@ def fast_get_preds(self:Learner,
     on_error:str='raise', # 'raise': stop at a bad item, naming it; 'skip': NaN/-1 rows and a last element of `(index, item, message)`
     orig_size:bool=False, # With `fully_decoded`: points in source-image pixels, masks at the source size, undoing `Resize`
 )->tuple:
-    "What `get_preds(dl=dls.test_dl(items, bs=bs), ...)` returns, without `test_dl` or callbacks"
+    "What `get_preds(dl=dls.test_dl(items, bs=bs), ...)` returns, without `test_dl` or callbacks; for a tabular learner `items` is a DataFrame"
     if orig_size and not fully_decoded: raise ValueError('orig_size=True maps the fully decoded outputs: pass fully_decoded=True too')
-    vision = is_vision(self.dls)
+    if self._fast_tabular():
+        # eager torch rounds a row differently in batches of another size: `backend='torch'` batches as `test_dl` does, to be bit-identical
+        bs = ifnone(bs, self.dls.valid.bs if backend=='torch' else 4096)
+        return self._fast_tab_preds(items, bs, with_input, with_decoded, fully_decoded, act, device, precision, backend, on_error)
+    bs,vision = ifnone(bs, 64),is_vision(self.dls)
     items = _items(items, vision)
     if not vision:
         if on_error!='raise': raise NotImplementedError("on_error='skip' needs a vision learner")
         return self._fallback_preds(items, bs, with_input, with_decoded, fully_decoded, act)
-    decodes,like = getcallable(self.loss_func, 'decodes'),None
-    inps,preds,decs,full,errors = [],[],[],[],[]
-    for bt,xb,p in self._fast_iter(items, bs, act, device, num_workers, precision, compile, backend, fast_decode, on_error, bar=_bar(self)):
-        if p is None and like is None: like = self._fast_like(precision, device)
-        dec = None if p is None else decodes(p)
-        pf,df = _fill_rows(bt, p, dec, like, decodes)
-        preds.append(pf)
-        if with_decoded: decs.append(df)
+    decodes,act,like = getcallable(self.loss_func, 'decodes'),ifnone(act, getcallable(self.loss_func, 'activation')),None
+    inps,outs,full,errors = [],[],[],[]
+    # the model's raw outputs are gathered and activated once, as fastai's `get_preds` does: an elementwise kernel
+    # (sigmoid) may round a batch's vectorised tail differently than the same rows inside the whole output
+    for bt,xb,p in self._fast_iter(items, bs, noop, device, num_workers, precision, compile, backend, fast_decode, on_error, bar=_bar(self)):
+        if p is None and like is None: like = self._fast_like(precision, device, noop)
+        outs.append(_fill(p, bt.n, bt.good, None if like is None else like[1]))
         if with_input:
             xs,ls = (to_detach(xb) if xb is not None else None),(like[0] if like is not None else None)
             inps.append(tuple(_fill(x, bt.n, bt.good, l) for x,l in zip(xs or [None]*len(ls), ls or [None]*len(xs))))
         if fully_decoded:
-            fd,good = iter(self._full_decode(xb, dec) if p is not None else []),set(bt.good)
+            fd,good = iter(self._full_decode(xb, decodes(act(p))) if p is not None else []),set(bt.good)
             full += [next(fd) if j in good else None for j in range(bt.n)]
         errors += [(f.i, items[f.i], f.msg) for f in bt.failed]
+    preds = act(to_concat(outs))
     if orig_size: full = [None if f is None else _to_orig(f, size_spec(self.fast_pipes.after_item), image_size(o)) for f,o in zip(full, items)]
-    res = [to_concat(preds), None] + ([to_concat(decs)] if with_decoded else []) + ([full] if fully_decoded else [])
+    res = [preds, None] + ([failed_rows(decodes(preds), [e[0] for e in errors])] if with_decoded else []) + ([full] if fully_decoded else [])
     res = ([detuplify(to_concat(inps))] if with_input else []) + res
     return tuple(res + [errors]) if on_error=='skip' else tuple(res)
 
@@ -311,7 +323,8 @@ def fast_predict(self:Learner,
     backend:str='auto', # 'auto' (measured on the first call), 'torch', 'compile' or 'onnxruntime'
     compile:bool=None, # `True`: as `backend='compile'`
 ):
-    "What `predict(item)` returns: `(decoded, decoded preds, preds)`"
+    "What `predict(item)` returns: `(decoded, decoded preds, preds)`; for a tabular learner `item` is a row (`pd.Series` or dict)"
+    if self._fast_tabular(): return self._fast_tab_predict(item, device, precision, backend)
     if not is_vision(self.dls):
         self._warn_fallback()
         with self.no_bar(): return self.predict(item, with_input=True) if with_input else self.predict(item)
@@ -326,8 +339,8 @@ def fast_predict(self:Learner,
 class LearnerPredictor(Predictor):
     "A `Learner` behind the interface of `fastinfer.runtime.Predictor`, running `backend` at `precision`"
     def __init__(self, learn:Learner, backend:str='auto', precision=None, device=None):
-        from fastinfer.export import learner_spec
         self.learn,self.backend_arg,self.precision,self.device = learn,backend,precision,learner_device(learn, device)
+        learn.model.eval()  # as fastai's `predict` runs it, whatever mode the `.pkl` saved it in
         super().__init__(None, learner_spec(learn))
         self.pipes = learn.fast_pipes
 

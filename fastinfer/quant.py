@@ -51,7 +51,7 @@ def quantize(self:Learner,
     if is_onnx(self.model): raise ValueError('this learner is quantized already')
     p,name = self.fast_pipes,type(self.model).__name__
     batches = [_plain(bt.b[:p.n_inp]) for bt in islice(fast_batches(_items(calib_items), p, bs), n_batches)]
-    try: fp32 = onnx_bytes(deepcopy(self.model).cpu().eval(), batches[0])
+    try: fp32,out_type = onnx_export(deepcopy(self.model).cpu().eval(), batches[0])
     except Exception as e: raise ValueError(f'cannot quantize {name}: it does not export to ONNX ({type(e).__name__}: {str(e)[:300]})') from e
     with tempfile.TemporaryDirectory() as d:
         src,pre,out = Path(d)/'fp32.onnx',Path(d)/'pre.onnx',Path(d)/'int8.onnx'
@@ -68,4 +68,4 @@ def quantize(self:Learner,
         finally: logging.disable(logging.NOTSET)
         q = out.read_bytes()
     if not _has_int8(q): raise ValueError(f'cannot quantize {name}: no layer of it has an int8 kernel, so it would stay fp32')
-    return Learner(self.dls, OrtModule(q, name), loss_func=self.loss_func)
+    return Learner(self.dls, OrtModule(q, out_type, name), loss_func=self.loss_func)

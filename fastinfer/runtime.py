@@ -8,14 +8,15 @@ import base64, io, json, math, os
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
+from .tabproc import TabularPredictor, check_tab_spec
 
 # %% auto #0
 __all__ = ['FORMAT', 'VERSION', 'SPEC_FILE', 'BACKENDS', 'crop_pad', 'resize', 'region', 'points_to_orig', 'mask_to_orig',
            'check_spec', 'check_input_shape', 'cpu_count', 'OrtModel', 'TorchFileModel', 'item_desc', 'item_message',
-           'open_image', 'Predictor', 'result', 'image_size', 'load']
+           'open_image', 'Predictor', 'result', 'image_size', 'load', 'check_tab_inputs']
 
 # %% ../nbs/08_runtime.ipynb #7d8ff53c
-FORMAT,VERSION,SPEC_FILE = 'fastinfer-export',1,'fastinfer.json'
+FORMAT,VERSION,SPEC_FILE = 'fastinfer-export',2,'fastinfer.json'  # version 2 added tabular exports (`kind='tabular'`)
 BACKENDS = ('auto', 'torch', 'compile', 'onnxruntime')  # the model engines a learner can run on (`fastinfer.engine`)
 _pad_modes = {'border': 'edge', 'reflection': 'reflect'}
 
@@ -90,6 +91,7 @@ def check_spec(spec)->dict:
     v = spec.get('version')
     if not isinstance(v, int) or not 1 <= v <= VERSION:
         raise ValueError(f'unknown fastinfer export format version {v!r}: this fastinfer reads versions 1 to {VERSION}; upgrade fastinfer')
+    if spec.get('kind', 'image')=='tabular': return check_tab_spec(spec)
     for k,t in _fields.items():
         if k not in spec: raise ValueError(f'the export spec has no {k!r} field')
         if not isinstance(spec[k], t): raise ValueError(f'the export spec field {k!r} is a {type(spec[k]).__name__}')
@@ -143,7 +145,11 @@ class OrtModel:
 
     def __call__(self, *xs):
         "Outputs for inputs `xs` (numpy arrays): one array, or a list where the model has several outputs"
-        out = self.sess.run(None, dict(zip(self.inputs, xs)))
+        return self.named(**dict(zip(self.inputs, xs)))
+
+    def named(self, **xs):
+        "Outputs for the inputs `xs` by name; those the graph does not use (a table without categorical columns) are left out"
+        out = self.sess.run(None, {k:v for k,v in xs.items() if k in self.inputs})
         return out[0] if len(out)==1 else out
 
     @property
@@ -299,6 +305,20 @@ def load(fname, device='cpu', threads:int=None)->Predictor:
     try: model = OrtModel(fname, threads) if fname.suffix=='.onnx' else TorchFileModel(fname, device)
     except ImportError: raise
     except Exception as e: raise ValueError(f'{fname} is not a fastinfer export: {type(e).__name__}: {str(e)[:200]}') from e
-    p = Predictor(model, _spec(model.metadata, fname))
+    spec = _spec(model.metadata, fname)
+    if check_spec(spec).get('kind')=='tabular':
+        if fname.suffix!='.onnx': raise ValueError(f'{fname}: tabular models are exported to .onnx')
+        check_tab_inputs(spec, model)
+        return TabularPredictor(model, spec)
+    p = Predictor(model, spec)
     if fname.suffix=='.onnx': check_input_shape(p.spec, model.input_shape)
     return p
+
+def check_tab_inputs(spec:dict, model:OrtModel)->None:
+    "Raise unless the ONNX `model`'s inputs have as many columns as `spec` has categorical (`x_cat`) and continuous (`x_cont`) columns"
+    t = spec['tabular']
+    for o in model.sess.get_inputs():
+        want = dict(x_cat=len(t['cat_names']), x_cont=len(t['cont_names'])).get(o.name)
+        if want is None: raise ValueError(f'the model has an input {o.name!r}: a tabular export takes x_cat and x_cont')
+        if len(o.shape)!=2 or (isinstance(o.shape[1], int) and o.shape[1]!=want):
+            raise ValueError(f'the model input {o.name} has shape {o.shape}, but its spec has {want} such columns')

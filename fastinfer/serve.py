@@ -132,7 +132,7 @@ def app(model, # A `Predictor`, or a path: `.onnx`/`.pt`/`.pt2` export, or fasta
 
     @asynccontextmanager
     async def lifespan(_):
-        from fastinfer.cli import load_model
+        from fastinfer.predictor import load_model
         loop = asyncio.get_running_loop()
         st['p'] = model if isinstance(model, Predictor) else await loop.run_in_executor(None, load_model, model, None, backend, precision)
         batcher.start()

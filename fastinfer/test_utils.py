@@ -10,10 +10,11 @@ from PIL import Image
 from .core import reload_learner
 
 # %% auto #0
-__all__ = ['KINDS', 'synth_images', 'tiny_cnn', 'synth_dls', 'synth_learner', 'unet_synth', 'NoExport', 'odd_items', 'odd_corpus']
+__all__ = ['KINDS', 'TAB_KINDS', 'synth_images', 'tiny_cnn', 'synth_dls', 'synth_learner', 'unet_synth', 'NoExport', 'odd_items',
+           'odd_corpus', 'synth_table', 'tab_learner']
 
 # %% ../nbs/02_test_utils.ipynb #6b3f0818
-KINDS = ('single', 'multi', 'regression', 'points', 'segmentation', 'bw', 'rrc', 'presize')
+KINDS = ('single', 'multi', 'regression', 'points', 'segmentation', 'bw', 'rrc', 'presize', 'train')
 
 # %% ../nbs/02_test_utils.ipynb #e7a162cd
 def synth_images(path, n:int=40, seed:int=0, sizes=((56,72),(64,48),(80,80),(50,90))):
@@ -46,7 +47,7 @@ def synth_dls(kind:str, df, sz:int=40, bs:int=8):
     "`DataLoaders` of task `kind` (one of `KINDS`) over the images in `df`"
     row = df.set_index('fn').to_dict('index')
     blocks,get_y,item_tfms,batch_tfms = ImageBlock,None,Resize(sz, method='crop'),[_norm]
-    if kind=='single': blocks,get_y,batch_tfms = (ImageBlock, CategoryBlock),lambda f: row[f]['color'],[*aug_transforms(), _norm]
+    if kind in ('single', 'train'): blocks,get_y,batch_tfms = (ImageBlock, CategoryBlock),lambda f: row[f]['color'],[*aug_transforms(), _norm]
     elif kind=='multi': blocks,get_y = (ImageBlock, MultiCategoryBlock),lambda f: [row[f]['color']] + (['big'] if row[f]['big'] else [])
     elif kind=='regression': blocks,get_y = (ImageBlock, RegressionBlock),lambda f: row[f]['area']
     elif kind=='points': blocks,get_y,item_tfms = (ImageBlock, PointBlock),lambda f: tensor(row[f]['pts']).float(),Resize(sz, method='pad', pad_mode='zeros')
@@ -75,6 +76,9 @@ def synth_learner(kind:str='single', path=None, n:int=40, sz:int=40, epochs:int=
     learn = Learner(dls, model, loss_func=loss)
     if epochs:
         with learn.no_bar(), learn.no_logging(): learn.fit(epochs, 1e-2)
+    # 'train': a `.pkl` whose model was left in training mode (as `vision_learner` leaves it before any `fit`): its BatchNorm
+    # layers would use each batch's statistics, so only a path that runs it in eval mode, as fastai does, gets fastai's answers
+    if kind=='train': learn.model.train()
     learn.export(path/f'{kind}.pkl')
     return reload_learner(path/f'{kind}.pkl'),list(df.fn)
 
@@ -130,3 +134,40 @@ def odd_corpus(path, src)->list:
             ('WebP', save('img.webp', img), True), ('JPEG bytes', full, True),
             ('float64 array', np.random.default_rng(0).random((32,32,3)), False),
             ('HWC uint8 array', np.array(img), True)]
+
+# %% ../nbs/02_test_utils.ipynb #8047c7b8
+TAB_KINDS = ('single', 'multi', 'regression', 'regression2', 'nocont', 'nocat', 'mode', 'constant')
+
+def synth_table(n:int=400, seed:int=0)->pd.DataFrame:
+    "A table with str, int and bool categorical columns, float (5% missing), int and float32 continuous ones, and targets of every kind"
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame(dict(cat_s=rng.choice(['red', 'green', 'blue', 'grey', '0'], n), cat_i=rng.integers(0, 4, n), cat_b=rng.random(n) < 0.3,
+                           x0=rng.normal(2, 3, n), x1=rng.normal(size=n), x2=rng.integers(0, 100, n), x3=rng.normal(size=n).astype(np.float32)))
+    for c in ('x0', 'x1'): df.loc[rng.random(n) < 0.05, c] = np.nan
+    s = df.x1.fillna(0) + (df.cat_s=='red') - 0.5*df.cat_b + 0.01*df.x2
+    df['y'] = np.where(s > 1, 'high', np.where(s > 0, 'mid', 'low'))
+    df['yb1'],df['yb2'] = (s > 0.5).astype(int),(df.cat_i > 1).astype(int)
+    df['yr'],df['yr2'] = (s + 3).clip(0, 5).astype(np.float32),(df.x3*2).astype(np.float32)
+    return df
+
+def tab_learner(kind:str='single', path=None, n:int=400, epochs:int=1, seed:int=0)->tuple:
+    "A `tabular_learner` of `kind` (one of `TAB_KINDS`) on `synth_table`, exported and reloaded; also returns its table"
+    from fastai.tabular.all import TabularDataLoaders, tabular_learner, Categorify, FillMissing, FillStrategy, Normalize, MultiCategoryBlock
+    path = Path(path or tempfile.mkdtemp(prefix='fastinfer-'))
+    set_seed(seed, reproducible=True)
+    df = synth_table(n, seed)
+    cats,conts,procs,y,kw,lkw = ['cat_s', 'cat_i', 'cat_b'],['x0', 'x1', 'x2', 'x3'],[Categorify, FillMissing, Normalize],'y',{},{}
+    if kind=='multi': y,kw = ['yb1', 'yb2'],dict(y_block=MultiCategoryBlock(encoded=True, vocab=['yb1', 'yb2']))
+    elif kind=='regression': y,lkw = 'yr',dict(y_range=(0, 5))
+    elif kind=='regression2': y = ['yr', 'yr2']
+    elif kind=='nocont': conts,procs = [],[Categorify]
+    elif kind=='nocat': cats,procs = [],[FillMissing(add_col=False), Normalize]
+    elif kind=='mode': procs = [Categorify, FillMissing(fill_strategy=FillStrategy.mode, add_col=False)]
+    elif kind=='constant': procs = [Categorify, FillMissing(fill_strategy=FillStrategy.constant, fill_vals={'x0': -1, 'x1': 2.5}), Normalize]
+    elif kind!='single': raise ValueError(f'unknown kind {kind!r}: expected one of {TAB_KINDS}')
+    dls = TabularDataLoaders.from_df(df, path=path, cat_names=list(cats), cont_names=list(conts), y_names=y, procs=procs, bs=64, **kw)
+    learn = tabular_learner(dls, layers=[32, 16], **lkw)
+    if epochs:
+        with learn.no_bar(), learn.no_logging(): learn.fit(epochs, 1e-2)
+    learn.export(path/f'{kind}.pkl')
+    return reload_learner(path/f'{kind}.pkl'),df

@@ -12,8 +12,19 @@ def learner(kind, root):
     if kind not in _cache: _cache[kind] = synth_learner(kind, root/kind, n=44, epochs=1)
     return _cache[kind]
 
+def as_saved(kind, learn):
+    "`learn` with its model in the mode its `.pkl` saved it in: 'train' learners in training mode, which fastai's own calls undo"
+    if kind=='train': learn.model.train()
+    return learn
+
 @pytest.fixture(scope='session', params=KINDS)
-def kind_learner(request, root): return (request.param,) + learner(request.param, root)
+def _kind_learner(request, root): return (request.param,) + learner(request.param, root)
+
+@pytest.fixture
+def kind_learner(_kind_learner):
+    kind,learn,files = _kind_learner
+    as_saved(kind, learn)
+    return _kind_learner
 
 @pytest.fixture(scope='session')
 def single(root): return learner('single', root)
