@@ -16,7 +16,7 @@ from .demo import cache_dir
 
 # %% auto #0
 __all__ = ['bench_corpus', 'bench_learner', 'bench', 'cpu_line', 'bench_e2e', 'benchmark_archs', 'archs_table', 'archs_plot',
-           'bench_table', 'bench_plot', 'bench_serve']
+           'bench_table', 'bench_plot', 'bench_serve', 'tab_workload', 'bench_tabular']
 
 # %% ../nbs/06_bench.ipynb #72149883
 def bench_corpus(path=None, n:int=512, n_big:int=16, seed:int=0)->tuple:
@@ -223,8 +223,8 @@ def archs_plot(rows, fname):
 def bench_table(rows:list)->str:
     "`rows` of `bench` as a markdown table"
     cols = [('name',''), ('img_s','img/s'), ('p50_ms','p50 ms'), ('p95_ms','p95 ms'), ('p99_ms','p99 ms'), ('errors','errors'), ('wrong','wrong/lost'), ('rows','rows'), ('exact','exactly the bad ones'), ('rss_mb','MB'), ('speedup','vs fastai'), ('max_dp','max \\|Δp\\|'),
-            ('top1','top-1 agree'), ('efficiency','efficiency'), ('warmup_s','first call s')]
-    fmt = dict(img_s='{:.1f}', p50_ms='{:.1f}', p95_ms='{:.1f}', p99_ms='{:.1f}', rss_mb='{:.1f}', speedup='{:.2f}x', max_dp='{:.1e}', top1='{:.1%}', efficiency='{:.2f}', warmup_s='{:.1f}')
+            ('top1','top-1 agree'), ('efficiency','efficiency'), ('warmup_s','first call s'), ('s','s'), ('ratio','vs fastai predict')]
+    fmt = dict(s='{:.3f}', ratio='{:.3f}x', img_s='{:.1f}', p50_ms='{:.3g}', p95_ms='{:.1f}', p99_ms='{:.1f}', rss_mb='{:.1f}', speedup='{:.2f}x', max_dp='{:.1e}', top1='{:.1%}', efficiency='{:.2f}', warmup_s='{:.1f}')
     cols = [(c,h) for c,h in cols if c=='name' or any(c in r for r in rows)]  # only the columns these rows fill
     lines = ['| ' + ' | '.join(h for _,h in cols) + ' |', '|' + '---|'*len(cols)]
     for r in rows: lines.append('| ' + ' | '.join(fmt.get(c,'{}').format(r[c]) if c in r else '' for c,_ in cols) + ' |')
@@ -275,4 +275,67 @@ def bench_serve(model, items, concurrency=(1, 8, 32), n:int=200, n_check:int=200
         rss0 = s.rss_mb()
         with ThreadPoolExecutor(8) as ex: list(ex.map(post, range(n_rss)))
         rows.append(dict(name=f'server RSS growth over {n_rss} requests (MB)', rss_mb=s.rss_mb()-rss0))
+    return rows
+
+# %% ../nbs/06_bench.ipynb #0ec17e0b
+def tab_workload(n:int=100_000, n_cont:int=6, seed:int=0):
+    "The tabular issue's workload: 8 categorical columns (5 to 26 levels) and `n_cont` continuous ones with 5% missing, and a label"
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame({f'c{i}': rng.integers(0, 5+3*i, n).astype(str) for i in range(8)})
+    conts = pd.DataFrame(rng.normal(size=(n, n_cont)), columns=[f'x{i}' for i in range(n_cont)])
+    conts = conts.mask(rng.random((n, n_cont)) < 0.05)
+    df = pd.concat([df, conts], axis=1)
+    df['y'] = np.where(conts.x0.fillna(0) + (df.c0=='1') > 0.3, 'yes', 'no')
+    return df
+
+def _tab_bench_learner(df, layers=(200, 100)):
+    from fastai.tabular.all import TabularDataLoaders, tabular_learner, Categorify, FillMissing, Normalize
+    cats,conts = [c for c in df if c.startswith('c')],[c for c in df if c.startswith('x')]
+    dls = TabularDataLoaders.from_df(df, cat_names=list(cats), cont_names=list(conts), y_names='y', procs=[Categorify, FillMissing, Normalize], bs=64)
+    learn = tabular_learner(dls, layers=list(layers))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    return learn
+
+def _p50(f, items, pause:float=0.05)->float:
+    "Median latency of `f` over `items`, each call after a short pause (so no library's spinning threads bill the next)"
+    ts = []
+    for o in items:
+        time.sleep(pause); t0 = time.perf_counter(); f(o); ts.append(time.perf_counter()-t0)
+    return float(np.median(ts))
+
+def bench_tabular(n:int=100_000, n_lat:int=30, wide:int=3000)->list:
+    "fastai against fastinfer on a tabular learner: `n` rows, one row, the torch-free runtime, and a table of `wide` continuous columns"
+    import tempfile
+    from fastinfer.runtime import load
+    df = tab_workload(n)
+    learn = _tab_bench_learner(df.iloc[:20_000])
+    X = df.drop(columns='y')
+    rows = []
+    with learn.no_bar():
+        def fa(): return learn.get_preds(dl=learn.dls.test_dl(X))[0]
+        fa(); learn.fast_get_preds(X.iloc[:5000])
+        t_fa,ref = _time(fa)
+        for b in ('auto', 'torch', 'onnxruntime'):
+            t,res = _time(lambda: learn.fast_get_preds(X, backend=b)[0])
+            rows.append(dict(name=f"fast_get_preds(df), {n:,} rows, backend={b!r}", s=t, speedup=t_fa/t, max_dp=(res-ref).abs().max().item()))
+        rows.insert(0, dict(name=f'fastai get_preds(dl=test_dl(df)), {n:,} rows', s=t_fa))
+        sample = [X.iloc[i] for i in range(n_lat)]
+        learn.fast_predict(sample[0]); learn.predict(sample[0])
+        p_fa,p_fi = _p50(learn.predict, sample),_p50(learn.fast_predict, sample)
+        fn = learn.export_onnx(Path(tempfile.mkdtemp())/'t.onnx', example_items=X.iloc[:64])
+        p = load(fn); dicts = [{k: (None if isinstance(v, float) and v!=v else v) for k,v in dict(r).items()} for r in sample]
+        p.predict(dicts[0])
+        p_rt = _p50(p.predict, dicts)
+        rows += [dict(name='fastai predict(row), p50', p50_ms=p_fa*1e3),
+                 dict(name='fast_predict(row), p50', p50_ms=p_fi*1e3, ratio=p_fi/p_fa),
+                 dict(name="runtime.load('t.onnx').predict(dict_row), p50", p50_ms=p_rt*1e3, ratio=p_rt/p_fa)]
+    if wide:
+        W = tab_workload(2000, n_cont=wide)
+        wl = _tab_bench_learner(W, layers=(64,))
+        wx = W.drop(columns='y'); ws = [wx.iloc[i] for i in range(5)]
+        with wl.no_bar():
+            wl.fast_predict(ws[0]); wl.predict(ws[0])
+            a,b = _p50(wl.predict, ws),_p50(wl.fast_predict, ws)
+        rows += [dict(name=f'fastai predict(row), {wide:,} continuous columns, p50', p50_ms=a*1e3),
+                 dict(name=f'fast_predict(row), {wide:,} continuous columns, p50', p50_ms=b*1e3, ratio=b/a)]
     return rows

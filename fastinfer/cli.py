@@ -62,6 +62,11 @@ def _bench(args):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         learn = load_learner(args.learner) if args.learner else bench_learner(sz=args.size)
+    if args.tabular:
+        from fastinfer.bench import bench_tabular, bench_table, cpu_line
+        rows = bench_tabular(n=args.tabular)
+        print(f"tabular_learner(layers=[200,100]), 8 categorical + 6 continuous columns (5% missing), {defaults.cpus} CPU threads\nCPU: {cpu_line()}\n")
+        return print(bench_table(rows))
     if args.archs:
         from fastinfer.bench import benchmark_archs, archs_table, archs_plot
         rows = benchmark_archs(args.archs.split(','), size=args.size, bs=args.bs, precision=args.precision)
@@ -192,6 +197,7 @@ def parser()->argparse.ArgumentParser:
     b.add_argument('--n-check', type=int, default=2000, help='with --serve: requests of the correctness run (5%% garbage)')
     b.add_argument('--n-rss', type=int, default=5000, help='with --serve: requests of the memory run')
     b.add_argument('--ray', action='store_true', help='instead: Ray Data on this machine (actors 1 vs 2, bad files, driver memory)')
+    b.add_argument('--tabular', type=int, nargs='?', const=100_000, default=0, help='instead: a tabular learner, fastai against fastinfer on this many rows, one row and a wide table')
     b.add_argument('--archs', help='instead: latency and throughput of these comma-separated torchvision backbones, random init')
     b.add_argument('--precision', default=None, choices=['fp32', 'bf16'], help='precision for --archs')
     b.add_argument('--json', help='also write the rows as JSON here')

@@ -57,3 +57,15 @@ def test_predict_jit_jsonl(model, tmp_path):
     eq([row['label'] for row in rows[:6]], [learn.fast_predict(f)[0] for f in files[:6]])
     r = run('predict', d/'m.pt', tmp_path/'nope.png', '-o', tmp_path/'q.jsonl')
     eq(r.returncode, 1); assert 'nope.png' in r.stderr
+
+def test_predict_training_mode_pkl(root, tmp_path):
+    "`fastinfer predict` on a `.pkl` saved with its model in training mode gives fastai's labels and probabilities"
+    from conftest import learner
+    learn,files = learner('train', root)
+    learn.model.train(); learn.export(tmp_path/'t.pkl')
+    r = run('predict', tmp_path/'t.pkl', *files[:6], '-o', tmp_path/'p.csv', '--bs', '3')
+    assert r.returncode==0, r.stderr[-2000:]
+    with learn.no_bar(): ref = learn.get_preds(dl=learn.dls.test_dl(files[:6]), with_decoded=True)
+    rows = list(csv.DictReader(open(tmp_path/'p.csv')))
+    eq([row['label'] for row in rows], [learn.dls.vocab[i] for i in ref[2]])
+    for row,p in zip(rows, ref[0]): assert abs(float(row['probability'])-p.max().item()) < 1e-5

@@ -110,23 +110,3 @@ def test_vocab_decode_checked(single):
     learn._fi_pipes = None
     learn.fast_get_preds(files[:8], fully_decoded=True)
     assert learn.fast_pipes.vocab_ok is True
-
-def test_tabular_fallback(tmp_path):
-    from fastai.tabular.all import TabularDataLoaders, tabular_learner, Categorify, Normalize as TNorm
-    rng = np.random.default_rng(0)
-    df = pd.DataFrame(dict(a=rng.normal(size=64), b=rng.choice(['x','y'], 64)))
-    df['y'] = np.where(df.a > 0, 'pos', 'neg')
-    dls = TabularDataLoaders.from_df(df, path=tmp_path, cat_names=['b'], cont_names=['a'], y_names='y', procs=[Categorify, TNorm], bs=16)
-    learn = tabular_learner(dls, layers=[8])
-    learn.export(tmp_path/'tab.pkl')
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        learn = load_learner(tmp_path/'tab.pkl')
-    with pytest.warns(UserWarning, match='not vision'): res = learn.fast_get_preds(df.iloc[:20], bs=8, with_decoded=True)
-    with learn.no_bar(): ref = learn.get_preds(dl=learn.dls.test_dl(df.iloc[:20], bs=8), with_decoded=True)
-    eq(len(res), 3); close(res[0], ref[0], eps=EPS); eq(res[2], ref[2])
-    with pytest.raises(NotImplementedError, match='with_decoded=True'): learn.fast_get_preds(df.iloc[:4], fully_decoded=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter('error')
-        learn.fast_get_preds(df.iloc[:4])  # warned once only
-    with learn.no_bar(): eq(learn.fast_predict(df.iloc[0])[0], learn.predict(df.iloc[0])[0])

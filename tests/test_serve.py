@@ -106,3 +106,16 @@ def test_serves_a_pkl(model):
         eq(r.json()['label'], lbl); assert abs(r.json()['probability']-probs.max().item()) <= 1e-5
         s.proc.send_signal(signal.SIGTERM); s.proc.wait(60)
         assert 'runs the code in it' in s.proc.stderr.read()
+
+def test_training_mode_pkl_batched(root, tmp_path):
+    "a `.pkl` whose model was saved in training mode, 8 clients at once with batching on: every reply is fastai's `predict`"
+    from conftest import learner
+    learn,files = learner('train', root)
+    learn.model.train(); learn.export(tmp_path/'t.pkl')
+    with learn.no_bar(): ref = [learn.predict(f) for f in files[:8]]
+    with ServerProcess(tmp_path/'t.pkl', '--max-batch', '4', '--max-wait-ms', '50') as s:
+        with ThreadPoolExecutor(8) as ex: res = list(ex.map(lambda i: post(s.url, files[i%8].read_bytes()), range(24)))
+    for i,r in enumerate(res):
+        eq(r.status_code, 200)
+        lbl,idx,probs = ref[i%8]
+        eq(r.json()['label'], lbl); assert abs(r.json()['probability']-probs.max().item()) <= 1e-5
