@@ -278,12 +278,12 @@ def bench_serve(model, items, concurrency=(1, 8, 32), n:int=200, n_check:int=200
     return rows
 
 # %% ../nbs/06_bench.ipynb #0ec17e0b
-def tab_workload(n:int=100_000, n_cont:int=6, seed:int=0):
-    "The tabular issue's workload: 8 categorical columns (5 to 26 levels) and `n_cont` continuous ones with 5% missing, and a label"
+def tab_workload(n:int=100_000, n_cont:int=6, seed:int=0, missing:float=0.05):
+    "The tabular issue's workload: 8 categorical columns (5 to 26 levels) and `n_cont` continuous ones with `missing` of their values blank, and a label"
     rng = np.random.default_rng(seed)
     df = pd.DataFrame({f'c{i}': rng.integers(0, 5+3*i, n).astype(str) for i in range(8)})
     conts = pd.DataFrame(rng.normal(size=(n, n_cont)), columns=[f'x{i}' for i in range(n_cont)])
-    conts = conts.mask(rng.random((n, n_cont)) < 0.05)
+    conts = conts.mask(rng.random((n, n_cont)) < missing)
     df = pd.concat([df, conts], axis=1)
     df['y'] = np.where(conts.x0.fillna(0) + (df.c0=='1') > 0.3, 'yes', 'no')
     return df
@@ -330,7 +330,7 @@ def bench_tabular(n:int=100_000, n_lat:int=30, wide:int=3000)->list:
                  dict(name='fast_predict(row), p50', p50_ms=p_fi*1e3, ratio=p_fi/p_fa),
                  dict(name="runtime.load('t.onnx').predict(dict_row), p50", p50_ms=p_rt*1e3, ratio=p_rt/p_fa)]
     if wide:
-        W = tab_workload(2000, n_cont=wide)
+        W = tab_workload(2000, n_cont=wide, missing=0)
         wl = _tab_bench_learner(W, layers=(64,))
         wx = W.drop(columns='y'); ws = [wx.iloc[i] for i in range(5)]
         with wl.no_bar():
