@@ -154,6 +154,7 @@ def tab_learner(kind:str='single', path=None, n:int=400, epochs:int=1, seed:int=
     "A `tabular_learner` of `kind` (one of `TAB_KINDS`) on `synth_table`, exported and reloaded; also returns its table"
     from fastai.tabular.all import TabularDataLoaders, tabular_learner, Categorify, FillMissing, FillStrategy, Normalize, MultiCategoryBlock
     path = Path(path or tempfile.mkdtemp(prefix='fastinfer-'))
+    path.mkdir(parents=True, exist_ok=True)
     set_seed(seed, reproducible=True)
     df = synth_table(n, seed)
     cats,conts,procs,y,kw,lkw = ['cat_s', 'cat_i', 'cat_b'],['x0', 'x1', 'x2', 'x3'],[Categorify, FillMissing, Normalize],'y',{},{}
