@@ -6,7 +6,7 @@ cfg.read('settings.ini', encoding='utf-8')
 cfg = cfg['DEFAULT']
 
 reqs = cfg.get('requirements', '').split()
-extras = {k: cfg.get(f'{k}_requirements', '').split() for k in ('dev', 'onnx', 'serve', 'ray')}
+extras = {k: cfg.get(f'{k}_requirements', '').split() for k in ('dev', 'onnx', 'serve', 'ray', 'parquet', 'openvino')}
 
 setuptools.setup(
     name=cfg['lib_name'], version=cfg['version'], description=cfg['description'],

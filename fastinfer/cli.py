@@ -141,8 +141,11 @@ def _predict(args):
     "`fastinfer predict`: stream predictions for ITEMS to a CSV, JSONL or (with `--ray`) Parquet file"
     import contextlib, csv, sys
     from pathlib import Path
+    from fastinfer.tabproc import TABLE_EXTS
+    if len(args.items)==1 and Path(args.items[0]).suffix.lower() in TABLE_EXTS: return _predict_table(args, Path(args.items[0]), Path(args.out))
     items,out = expand_items(args.items),Path(args.out)
     if not items: sys.exit('fastinfer predict: no items found')
+    args.bs = args.bs or 64
     if args.ray: return _predict_ray(args, items, out)
     from fastinfer.predictor import load_model
     p = load_model(args.model, args.device, args.backend, args.precision)
@@ -160,6 +163,37 @@ def _predict(args):
             ew = csv.writer(f); ew.writerow(['index', 'item', 'error']); ew.writerows([(i, str(o), m) for i,o,m in errors])
         print(f'{len(errors)} of {len(items)} items failed: see {ef}', file=sys.stderr)
     print(f'wrote {n} rows to {out}', file=sys.stderr)
+
+def _predict_table(args, src, out):
+    "`fastinfer predict MODEL rows.csv|rows.parquet`: a tabular model's prediction columns for each row, in input order, read and written in chunks"
+    import sys
+    from fastinfer.tabproc import read_table, TableWriter
+    if args.ray: return _predict_ray_table(args, src, out)
+    from fastinfer.predictor import load_model
+    p,keep = load_model(args.model, args.device, args.backend, args.precision),[args.id_col] if args.id_col else []
+    if getattr(p, 'kind', None)!='tabular': raise ValueError(f'{src} is a table, and {args.model} is not a tabular model')
+    n,nbad,bar = 0,0,sys.stderr.isatty()
+    with TableWriter(out) as w:
+        for df in read_table(src, p.procs, args.chunk, keep):
+            if args.id_col and args.id_col not in df.columns: raise ValueError(f'{src} has no column {args.id_col!r} (--id-col)')
+            o = p.frame(df, args.bs or 4096, args.on_error, n, args.topk, keep)
+            w.write(o)
+            n,nbad = n+len(df),nbad+int((o['error']!='').sum())
+            if bar: print(f'\r{n:,} rows', end='', file=sys.stderr, flush=True)
+    if bar: print(file=sys.stderr)
+    if nbad: print(f'{nbad} of {n} rows failed: see the error column of {out}', file=sys.stderr)
+    print(f'wrote {n} rows to {out}', file=sys.stderr)
+
+def _predict_ray_table(args, src, out):
+    "`fastinfer predict --ray MODEL rows.parquet`: the same columns, computed by Ray Data actors (Ray may reorder rows: keep an `--id-col`)"
+    import sys, ray, ray.data
+    from fastinfer.distributed import ray_predict
+    if not ray.is_initialized(): ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    ds = ray.data.read_csv(str(src)) if src.suffix.lower()=='.csv' else ray.data.read_parquet(str(src))
+    ds = ray_predict(ds, args.model, bs=args.bs or 4096, actors=args.actors, topk=args.topk, keep=[args.id_col] if args.id_col else ())
+    if out.suffix.lower()=='.csv': ds.write_csv(str(out))
+    else: ds.write_parquet(str(out))
+    print(f'wrote {ds.count()} rows to {out}', file=sys.stderr)
 
 def _predict_ray(args, items, out):
     "`fastinfer predict --ray`: the same rows, computed by Ray Data actors, written as Parquet (or CSV by suffix)"
@@ -204,11 +238,13 @@ def parser()->argparse.ArgumentParser:
     b.add_argument('--csv', help='also write the rows as CSV here')
     b.add_argument('--plot', help='also draw a bar chart of the speed-ups to this PNG')
     b.set_defaults(func=_bench)
-    pr = sub.add_parser('predict', help='predict ITEMS with a fastai .pkl or an export (.onnx, .pt, .pt2), writing CSV, JSONL or Parquet')
+    pr = sub.add_parser('predict', help='predict ITEMS (images, or one CSV/Parquet table) with a fastai .pkl or an export (.onnx, .pt, .pt2), writing CSV, JSONL or Parquet')
     pr.add_argument('model', help='a fastai .pkl (load_learner), or an .onnx/.pt/.pt2 export (no fastai needed; .onnx needs no torch)')
-    pr.add_argument('items', nargs='+', help='image files, folders (searched recursively) or .txt files of paths')
-    pr.add_argument('-o', '--out', required=True, help='preds.csv or preds.jsonl (failures go to errors.csv beside it); with --ray, preds.parquet')
-    pr.add_argument('--bs', type=int, default=64, help='batch size')
+    pr.add_argument('items', nargs='+', help='image files, folders (searched recursively) or .txt files of paths; or, for a tabular model, one .csv or .parquet file')
+    pr.add_argument('-o', '--out', required=True, help='preds.csv or preds.jsonl (failures go to errors.csv beside it); with --ray, preds.parquet; a table: .csv or .parquet, with an error column')
+    pr.add_argument('--bs', type=int, default=None, help='batch size (default: 64 images, 4096 table rows)')
+    pr.add_argument('--id-col', default=None, help='a table: the column written beside each prediction, to join on')
+    pr.add_argument('--chunk', type=int, default=100_000, help='a table: rows read at a time (memory stays flat)')
     pr.add_argument('--precision', default=None, choices=['fp32', 'bf16', 'fp16'], help='precision (.pkl only; default: fastai\'s)')
     pr.add_argument('--backend', default='auto', choices=list(BACKENDS), help='model engine (.pkl only; default: measured)')
     pr.add_argument('--device', default=None, help="'cpu', 'cuda', ... (default: cpu)")

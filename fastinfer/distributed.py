@@ -8,9 +8,10 @@ import json, math
 from pathlib import Path
 import numpy as np
 from .runtime import load, result, image_size
+from .tabproc import row_msg
 
 # %% auto #0
-__all__ = ['Predict', 'ray_resources', 'ray_predict', 'bench_ray']
+__all__ = ['Predict', 'PredictRows', 'ray_resources', 'ray_predict', 'bench_ray']
 
 # %% ../nbs/13_distributed.ipynb #d1e00005
 class Predict:
@@ -46,6 +47,19 @@ class Predict:
         out['probs'] = np.stack(out['probs'])
         return out
 
+class PredictRows:
+    "Ray Data's callable class for a tabular export: a batch of rows (pandas) → its `keep` columns, the prediction columns `fastinfer predict` writes, and `error`"
+    def __init__(self, model, threads:int=1, topk:int=1, keep=()):
+        self.p,self.topk,self.keep = load(model, threads=threads),topk,list(keep)
+
+    def __call__(self, df):
+        miss = [k for k in self.keep if k not in df.columns]
+        if miss: raise ValueError(f'the dataset has no column {miss[0]!r} to keep')
+        out = self.p.frame(df, max(len(df), 1), 'skip', 0, self.topk, self.keep)
+        # a row's place in a Ray batch means nothing to the user: its `keep` columns name it
+        out['error'] = out['error'].map(row_msg)
+        return out
+
 # %% ../nbs/13_distributed.ipynb #d1e00007
 def ray_resources(cpus:float, actors:int=None, cpus_per_actor:float=None, threads_per_actor:int=None)->tuple:
     "`(actors, cpus_per_actor, threads_per_actor)` for a cluster of `cpus` CPUs, leaving one CPU to the read stage"
@@ -66,19 +80,24 @@ def ray_predict(items, # Paths or URIs every worker can read, or a `ray.data.Dat
     threads_per_actor:int=None, # ONNX Runtime threads per actor; default: the CPUs per actor, at least 1
     topk:int=0, # Also a `topk` column (JSON) for single-label models
     address:str=None, # A running cluster (`ray.init(address=...)`); default: the one running, else a local one
+    keep=(), # A tabular model: the columns of `items` (a `Dataset` of rows) each output row carries, such as an id
 ):
-    "A `ray.data.Dataset` of `item`, `label`, `probability`, `probs` and `error` ('' where the item succeeded): one row per item (Ray may reorder rows; each names its item)"
+    "A `ray.data.Dataset` of `item`, `label`, `probability`, `probs` and `error` ('' where the item succeeded): one row per item (Ray may reorder rows; each names its item). A tabular model: the `keep` columns, the prediction columns and `error`"
     try:
         import ray, ray.data
         from ray.data import ActorPoolStrategy
     except ImportError as e: raise ImportError('ray_predict needs Ray Data: pip install "fastinfer[ray]"') from e
     if not ray.is_initialized(): ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    if isinstance(items, ray.data.Dataset):
-        ds = items if 'item' in items.columns() else items.rename_columns({'path': 'item'})
-    else: ds = ray.data.from_items([{'item': str(o)} for o in items])
     fn = Path(model)
     model = str(fn.resolve()) if fn.exists() else str(model)
     actors,cpa,threads = ray_resources(ray.cluster_resources().get('CPU', 1), actors, cpus_per_actor, threads_per_actor)
+    if getattr(load(model), 'kind', None)=='tabular':  # read here too: a bad file fails once, in the driver
+        if not isinstance(items, ray.data.Dataset): items = ray.data.from_pandas(items) if type(items).__name__=='DataFrame' else ray.data.from_items(list(items))
+        return items.map_batches(PredictRows, fn_constructor_kwargs=dict(model=model, threads=threads, topk=max(topk, 1), keep=keep), batch_size=bs,
+                                 compute=ActorPoolStrategy(size=actors), num_cpus=cpa, batch_format='pandas')
+    if isinstance(items, ray.data.Dataset):
+        ds = items if 'item' in items.columns() else items.rename_columns({'path': 'item'})
+    else: ds = ray.data.from_items([{'item': str(o)} for o in items])
     return ds.map_batches(Predict, fn_constructor_kwargs=dict(model=model, threads=threads, topk=topk), batch_size=bs,
                           compute=ActorPoolStrategy(size=actors), num_cpus=cpa, batch_format='numpy')
 

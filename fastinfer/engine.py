@@ -9,14 +9,15 @@ from contextlib import contextmanager
 from fastai.basics import *
 from copy import deepcopy
 from .core import learner_device
-from .runtime import OrtModel, cpu_count, BACKENDS
+from .runtime import rt_model, cpu_count, BACKENDS, FILE_BACKENDS
 from fastai.callback.fp16 import MixedPrecision, AMPMode
 from fastai.learner import _cast_tensor
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'BF16_FLAGS', 'PROBE_N', 'PARITY', 'PROBE_MARGIN', 'COMPILE_S', 'check_precision', 'autocast_dtype',
-           'cpu_flags', 'cpu_name', 'native_bf16', 'Forward', 'TorchBackend', 'onnx_export', 'onnx_bytes',
-           'ort_threads', 'torch_threads', 'OnnxBackend', 'is_onnx', 'OrtModule', 'max_dp', 'should_compile']
+           'cpu_flags', 'cpu_name', 'native_bf16', 'has_openvino', 'Forward', 'TorchBackend', 'onnx_export',
+           'onnx_bytes', 'ort_threads', 'torch_threads', 'OnnxBackend', 'is_onnx', 'OrtModule', 'max_dp',
+           'should_compile']
 
 # %% ../nbs/05_engine.ipynb #9383a372
 PRECISIONS = (None, 'fp32', 'bf16', 'fp16')
@@ -58,6 +59,12 @@ BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
 def native_bf16()->bool:
     "Whether this CPU computes bf16 natively (one of `BF16_FLAGS`); elsewhere bf16 is emulated, slower than fp32"
     return bool(cpu_flags() & set(BF16_FLAGS))
+
+@functools.cache
+def has_openvino()->bool:
+    "Whether OpenVINO is installed (`fastinfer[openvino]`): 'auto' then measures it too"
+    import importlib.util
+    return importlib.util.find_spec('openvino') is not None
 
 # %% ../nbs/05_engine.ipynb #548d9274
 class Forward(nn.Module):
@@ -168,24 +175,31 @@ def torch_threads()->int:
     with _ort['lock']: return _ort['saved'] if _ort['n'] else torch.get_num_threads()
 
 class OnnxBackend:
-    "The learner's model exported to ONNX once (traced on batch `xb`) and run by ONNX Runtime on the CPU, in fp32"
-    name,precision,ort = 'onnxruntime',None,True
-    def __init__(self, learn:Learner, xb):
-        self.version = _weights_version(learn.model)
-        self.model = OrtModule(*onnx_export(learn.model.eval().cpu(), xb), name=type(learn.model).__name__)
+    "The learner's model exported to ONNX once (traced on batch `xb`) and run on the CPU by `runtime` (ONNX Runtime, or OpenVINO at `precision`)"
+    ort = True  # it runs on its own thread pool, so torch keeps one thread meanwhile
+    def __init__(self, learn:Learner, xb, runtime:str='onnxruntime', precision=None):
+        self.name,self.precision,self.version = runtime,precision,_weights_version(learn.model)
+        self.model = OrtModule(*learn._fast_onnx(xb), name=type(learn.model).__name__, runtime=runtime, precision=precision)
     def __call__(self, xb:tuple): return self.model(*xb)
     def fresh(self, learn)->bool: return _weights_version(learn.model)==self.version
+
+@patch
+def _fast_onnx(self:Learner, xb)->tuple:
+    "`onnx_export` of the learner's model (traced on `xb`), done once per weights: ONNX Runtime and OpenVINO build from the same bytes"
+    v,c = _weights_version(self.model),self.__dict__.get('_fi_onnx')
+    if c is None or c[0]!=v: c = self._fi_onnx = (v, *onnx_export(self.model.eval().cpu(), xb))
+    return c[1:]
 
 def is_onnx(model)->bool:
     "Whether `model` is an `OrtModule`: an ONNX Runtime model already, so there is no backend to choose or trace"
     return getattr(model, 'is_onnx', False)  # duck-typed: notebooks re-running this cell define the class anew
 
 class OrtModule(nn.Module):
-    "An ONNX model (`bytes`) as a torch module on the CPU: how a `quantize`d learner carries its int8 model"
+    "An ONNX model (`bytes`) run by `runtime` as a torch module on the CPU: how a `quantize`d learner carries its int8 model"
     is_onnx = True
-    def __init__(self, onnx:bytes, out_type=Tensor, name:str='model'):
+    def __init__(self, onnx:bytes, out_type=Tensor, name:str='model', runtime:str='onnxruntime', precision=None):
         super().__init__()
-        self.ort,self.out_type,self.model_name = OrtModel(onnx, threads=torch_threads()),out_type,name
+        self.ort,self.out_type,self.model_name = rt_model(onnx, torch_threads(), runtime, precision),out_type,name
         # fastai finds a model's device from its first parameter: an empty one says "CPU"
         self.device_anchor = nn.Parameter(torch.empty(0), requires_grad=False)
     @property
@@ -197,8 +211,8 @@ class OrtModule(nn.Module):
 # %% ../nbs/05_engine.ipynb #57955270
 @patch
 def fast_engine(self:Learner,
-    backend:str='torch', # 'torch' (eager), 'compile' or 'onnxruntime'
-    precision=None, # Precision mode, as in `fast_get_preds` (torch backends)
+    backend:str='torch', # 'torch' (eager), 'compile', 'onnxruntime' or 'openvino'
+    precision=None, # Precision mode, as in `fast_get_preds` (torch backends; 'bf16' on OpenVINO too)
     device=None, # Device; defaults to the model's
     bs:int=None, # The batch size a compiled backend is built for
     xb=None, # An example batch tuple, to export the model to ONNX with
@@ -206,13 +220,13 @@ def fast_engine(self:Learner,
     "The cached backend for (`backend`, `precision`, `device`, `bs` if compiled); rebuilt when the weights change"
     device = learner_device(self, device)
     if backend not in BACKENDS[1:]: raise ValueError(f'backend={backend!r}: expected one of {BACKENDS}')
-    if backend=='onnxruntime' and (device.type!='cpu' or precision not in (None, 'fp32')):
-        raise ValueError(f"backend='onnxruntime' runs fp32 on the CPU here, not precision={precision!r} on {device.type}")
+    if backend in FILE_BACKENDS and (device.type!='cpu' or precision not in ((None, 'fp32') if backend=='onnxruntime' else (None, 'fp32', 'bf16'))):
+        raise ValueError(f"backend={backend!r} runs {'fp32' if backend=='onnxruntime' else 'fp32 or bf16'} on the CPU here, not precision={precision!r} on {device.type}")
     key = (backend, precision, str(device), bs if backend=='compile' else None)
     cache = self.__dict__.setdefault('_fi_engines', {})
     e = cache.get(key)
     if e is None or not e.fresh(self):
-        e = cache[key] = OnnxBackend(self, xb) if backend=='onnxruntime' else TorchBackend(self, precision, device, backend=='compile', bs)
+        e = cache[key] = OnnxBackend(self, xb, backend, precision) if backend in FILE_BACKENDS else TorchBackend(self, precision, device, backend=='compile', bs)
     return e
 
 @patch
@@ -246,18 +260,21 @@ def _bf16_missing()->str:
 def _fast_measure(self:Learner, xb, precision, device, bs:int)->dict:
     "Time each candidate on `PROBE_N` rows of `xb` and check it against eager fp32: the choice and its figures"
     x,act = tuple(o[:PROBE_N] for o in xb),getcallable(self.loss_func, 'activation')
-    fp = None if precision=='bf16' else precision
-    cands = [('torch', fp), ('onnxruntime', None)] + ([('torch', 'bf16')] if precision=='bf16' else [])
+    fp,ov = None if precision=='bf16' else precision,['openvino'] if has_openvino() else []
+    cands = [('torch', fp), ('onnxruntime', None)] + [(o, None) for o in ov]
+    if precision=='bf16': cands += [('torch', 'bf16')] + [(o, 'bf16') for o in ov]
     ms,dps,dropped,ref = {},{},{},None
     for name,prec in cands:
-        label = name if prec!='bf16' else 'torch bf16'
+        label = name if prec!='bf16' else f'{name} bf16'
         try:
             e = self.fast_engine(name, prec, device, bs, x)
             with torch.inference_mode():
-                # eager torch has little to warm up, so its reference run is its timed run; the others are timed warm
-                if name!='torch': e(x)
-                t0 = time.perf_counter(); out = act(e(x))
-            ms[label] = (time.perf_counter()-t0)*1e3/len(x[0])
+                # eager fp32 torch has little to warm up, so its reference run is its timed run; the others are timed warm,
+                # the best of two runs (the first bf16 call builds its kernels)
+                t = []
+                for i in range(1 if (name,prec)==('torch',fp) else 3):
+                    t0 = time.perf_counter(); out = act(e(x)); t.append(time.perf_counter()-t0)
+            ms[label] = min(t[1:] or t)*1e3/len(x[0])
         except Exception as err:
             dropped[label] = f'{type(err).__name__}: {str(err)[:300]}'
             self._fast_warn(f'backend {label!r} dropped for {type(self.model).__name__}: it failed to build or run ({dropped[label]})')
@@ -268,18 +285,18 @@ def _fast_measure(self:Learner, xb, precision, device, bs:int)->dict:
             del ms[label]
             dropped[label] = f'max |Δp| {dps[label]:.1e} against eager fp32 > {PARITY/PROBE_MARGIN:.0e}'
             self._fast_warn(f'backend {label!r} dropped: {dropped[label]} on the first batch')
-    fp32 = min((k for k in ms if k!='torch bf16'), key=ms.get)
-    best = fp32
-    if 'torch bf16' in ms:
-        if ms['torch bf16'] < ms[fp32]: best = 'torch bf16'
-        else: self._fast_warn(f"precision='bf16' falls back to fp32 ({fp32}): bf16 measured slower on this CPU ({ms['torch bf16']:.1f} vs {ms[fp32]:.1f} ms an image)")
-    return dict(backend=best.split()[0], precision='bf16' if best=='torch bf16' else fp, ms_per_item=ms, max_dp=dps, dropped=dropped,
+    fp32 = min((k for k in ms if not k.endswith('bf16')), key=ms.get)
+    best,bf = fp32,min((k for k in ms if k.endswith('bf16')), key=ms.get, default=None)
+    if bf is not None:
+        if ms[bf] < ms[fp32]: best = bf
+        else: self._fast_warn(f"precision='bf16' falls back to fp32 ({fp32}): bf16 measured slower on this CPU ({bf}: {ms[bf]:.1f} vs {ms[fp32]:.1f} ms an image)")
+    return dict(backend=best.split()[0], precision='bf16' if best.endswith('bf16') else fp, ms_per_item=ms, max_dp=dps, dropped=dropped,
                 cpu=cpu_name(), version=_weights_version(self.model))
 
 @patch
 def fast_select(self:Learner,
     xb, # The first batch tuple of the call, after `after_batch`
-    backend:str='auto', # 'auto', 'torch', 'compile' or 'onnxruntime'
+    backend:str='auto', # 'auto', 'torch', 'compile', 'onnxruntime' or 'openvino'
     precision=None, # Precision mode, as in `fast_get_preds`
     device=None, # Device; defaults to the model's
     bs:int=64, # The call's batch size
@@ -310,10 +327,10 @@ def fast_backend(self:Learner)->dict:
 @patch
 def _fast_ort(self:Learner, backend:str, precision, device, bs:int)->bool:
     "Whether a call's batches will run on ONNX Runtime, as far as is known before its first batch"
-    if is_onnx(self.model) or backend=='onnxruntime': return True
+    if is_onnx(self.model) or backend in FILE_BACKENDS: return True
     c = self.__dict__.get('_fi_choice', {}).get((None if _emulated_bf16(precision, device) else precision, str(device), bs))
     # a choice made for other weights is measured again, and that probe must time eager torch on all its threads
-    return backend=='auto' and c is not None and c['backend']=='onnxruntime' and c['version']==_weights_version(self.model)
+    return backend=='auto' and c is not None and c['backend'] in FILE_BACKENDS and c['version']==_weights_version(self.model)
 
 # %% ../nbs/05_engine.ipynb #b0e8e430
 COMPILE_S = 10. # one-off `torch.compile` cost of resnet18 measured on a 2-core CPU, in seconds

@@ -18,8 +18,10 @@ def load_model(fname, device=None, backend='auto', precision=None):
         return load(fname, device=device or 'cpu')
     from fastai.learner import load_learner
     from fastinfer.preds import LearnerPredictor
+    from fastinfer.tabular import is_tabular, tab_predictor
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         learn = load_learner(fname, cpu=device in (None, 'cpu'))
+    if is_tabular(learn.dls): return tab_predictor(learn, backend, precision, device)
     return LearnerPredictor(learn, backend, precision, device)
 

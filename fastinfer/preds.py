@@ -4,9 +4,9 @@
 
 # %% ../nbs/01_preds.ipynb #6aebd954
 from __future__ import annotations
-import math, queue, threading, time, warnings
+import gc, math, queue, threading, time, warnings
 from concurrent.futures import ThreadPoolExecutor
-from torch.utils.data import DataLoader as TorchDL, Dataset
+from torch.utils.data import DataLoader as TorchDL, Dataset, Subset
 from fastai.basics import *
 from fastai.callback.progress import ProgressCallback
 from .core import *
@@ -48,7 +48,7 @@ def _collate(pipes, samples):
 Batch = namedtuple('Batch', 'start n b good failed')
 Batch.__doc__ = "`n` items from index `start`: batch `b` (after `after_batch`, on the device; `None` if all failed) of the rows at positions `good`, and the `failed`"
 
-WORKER_TIMEOUT = 120 # seconds a decoding worker may take over one batch before the run stops with an error
+WORKER_TIMEOUT = 120 # seconds a decoding worker may take over one batch before fresh workers retry it, and then the run stops
 
 def prefetch(gen, n:int=1):
     "Run generator `gen` in a thread, `n` results ahead, in order; its exceptions are raised here; it stops when the consumer does"
@@ -80,24 +80,37 @@ def _decode_first(ds, i:int, j:int)->list:
     if j-i < 2 or defaults.cpus < 2 or ds.pipes.split_idx!=1: return [ds[k] for k in range(i, j)]
     with ThreadPoolExecutor(min(defaults.cpus, j-i), thread_name_prefix='fastinfer-decode') as ex: return list(ex.map(ds.__getitem__, range(i, j)))
 
+def _worker_loader(ds, coll, bs:int, num_workers:int, device, start:int=0):
+    "Batches of the items of `ds` from `start`, decoded in `num_workers` processes forked with the garbage collector frozen"
+    dl = TorchDL(Subset(ds, range(start, len(ds))) if start else ds, batch_size=bs, num_workers=num_workers, collate_fn=coll,
+                 timeout=WORKER_TIMEOUT, pin_memory=torch.device(device or 'cpu').type=='cuda')
+    # A worker inherits this process's uncollected garbage. Were its collector to free an ONNX Runtime session in there, the
+    # session would wait forever for thread-pool threads that exist only in this process: frozen objects are never collected
+    gc.freeze()
+    try: return iter(dl)
+    finally: gc.unfreeze()
+
 def fast_batches(items, pipes:InferPipes, bs:int=64, num_workers:int=0, device=None, fast_decode:bool=False, skip:bool=False):
     "`Batch`es of `items` in input order, decoded in `num_workers` processes, or a thread one batch ahead; `skip` failed items instead of raising"
     ds,coll = ItemsDataset(items, pipes, fast_decode, skip),partial(_collate, pipes)
-    if num_workers:
-        it = TorchDL(ds, batch_size=bs, num_workers=num_workers, collate_fn=coll, timeout=WORKER_TIMEOUT,
-                     pin_memory=torch.device(device or 'cpu').type=='cuda')
+    if num_workers: it = _worker_loader(ds, coll, bs, num_workers, device)
     else:
         it = (coll(_decode_first(ds, i, min(i+bs, len(ds))) if i==0 else [ds[j] for j in range(i, min(i+bs, len(ds)))]) for i in range(0, len(ds), bs))
         # Pillow's decoding and the model (torch, ONNX Runtime) release the GIL: decode the next batch meanwhile
         if len(ds) > bs: it = prefetch(it)
-    it,k = iter(it),0
+    it,k,retried = iter(it),0,False
     while True:
         try: b,good,failed = next(it)
         except StopIteration: return
         except RuntimeError as e:
             if 'DataLoader' not in str(e): raise
-            raise RuntimeError(f'fastinfer: a decoding worker crashed or stalled near items {k*bs}-{k*bs+bs-1} ({e}); '
-                               'rerun with num_workers=0 to see the item') from e
+            msg = f'a decoding worker crashed or stalled near items {k*bs}-{k*bs+bs-1} ({e})'
+            # a worker forked while another thread of this process held a lock can hang for good: fresh workers, once
+            if retried or 'timed out' not in str(e): raise RuntimeError(f'fastinfer: {msg}; rerun with num_workers=0 to see the item') from e
+            warnings.warn(f'fastinfer: {msg}; decoding from item {k*bs} again in fresh workers')
+            del it
+            it,retried = _worker_loader(ds, coll, bs, num_workers, device, k*bs),True
+            continue
         yield Batch(k*bs, min(bs, len(ds)-k*bs), None if b is None else pipes.batch(b, device), good, failed)
         k += 1
 
@@ -254,7 +267,7 @@ def fast_get_preds(self:Learner,
     device=None, # Device to run on; defaults to the model's
     num_workers:int=None, # Worker processes that decode items while the model runs; `None`: `auto_workers`
     precision:str=None, # `None` (fastai's arithmetic), 'fp32', 'bf16' (where it is faster) or 'fp16' (CUDA)
-    backend:str='auto', # 'auto' (measured on the first batch), 'torch' (bit-identical to fastai), 'compile' or 'onnxruntime'
+    backend:str='auto', # 'auto' (measured on the first batch), 'torch' (bit-identical to fastai), 'compile', 'onnxruntime' or 'openvino'
     compile:bool=None, # `True`: as `backend='compile'`; `None`: compile long calls where 'auto' chose torch; `False`: never
     fast_decode:bool=False, # Decode large JPEGs at reduced scale before the exact `Resize` (changes pixels)
     on_error:str='raise', # 'raise': stop at a bad item, naming it; 'skip': NaN/-1 rows and a last element of `(index, item, message)`
@@ -320,7 +333,7 @@ def fast_predict(self:Learner,
     with_input:bool=False, # Also return the decoded input, first
     device=None, # Device to run on; defaults to the model's
     precision:str=None, # `None` (fastai's arithmetic), 'fp32', 'bf16' or 'fp16'
-    backend:str='auto', # 'auto' (measured on the first call), 'torch', 'compile' or 'onnxruntime'
+    backend:str='auto', # 'auto' (measured on the first call), 'torch', 'compile', 'onnxruntime' or 'openvino'
     compile:bool=None, # `True`: as `backend='compile'`
 ):
     "What `predict(item)` returns: `(decoded, decoded preds, preds)`; for a tabular learner `item` is a row (`pd.Series` or dict)"

@@ -4,20 +4,22 @@
 
 # %% ../nbs/08_runtime.ipynb #8aed8bd8
 from __future__ import annotations
-import base64, io, json, math, os
+import base64, io, json, math, os, threading
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
-from .tabproc import TabularPredictor, check_tab_spec
+from .tabproc import TabularPredictor, check_tab_spec, _nan_rows
 
 # %% auto #0
-__all__ = ['FORMAT', 'VERSION', 'SPEC_FILE', 'BACKENDS', 'crop_pad', 'resize', 'region', 'points_to_orig', 'mask_to_orig',
-           'check_spec', 'check_input_shape', 'cpu_count', 'OrtModel', 'TorchFileModel', 'item_desc', 'item_message',
-           'open_image', 'Predictor', 'result', 'image_size', 'load', 'check_tab_inputs']
+__all__ = ['FORMAT', 'VERSION', 'SPEC_FILE', 'BACKENDS', 'FILE_BACKENDS', 'crop_pad', 'resize', 'region', 'points_to_orig',
+           'mask_to_orig', 'check_spec', 'check_input_shape', 'cpu_count', 'OrtModel', 'OvModel', 'rt_model',
+           'TorchFileModel', 'item_desc', 'item_message', 'open_image', 'Predictor', 'result', 'image_size', 'load',
+           'check_tab_inputs']
 
 # %% ../nbs/08_runtime.ipynb #7d8ff53c
 FORMAT,VERSION,SPEC_FILE = 'fastinfer-export',2,'fastinfer.json'  # version 2 added tabular exports (`kind='tabular'`)
-BACKENDS = ('auto', 'torch', 'compile', 'onnxruntime')  # the model engines a learner can run on (`fastinfer.engine`)
+BACKENDS = ('auto', 'torch', 'compile', 'onnxruntime', 'openvino')  # the model engines a learner can run on (`fastinfer.engine`)
+FILE_BACKENDS = ('onnxruntime', 'openvino')  # the engines that run an `.onnx` export, with no torch
 _pad_modes = {'border': 'edge', 'reflection': 'reflect'}
 
 def _pad(img, pad:tuple, mode:str):
@@ -155,7 +157,66 @@ class OrtModel:
     @property
     def metadata(self)->dict: return self.sess.get_modelmeta().custom_metadata_map
     @property
-    def input_shape(self)->list: return self.sess.get_inputs()[0].shape
+    def input_info(self)->list: return [(o.name, o.shape) for o in self.sess.get_inputs()]
+    @property
+    def input_shape(self)->list: return self.input_info[0][1]
+
+def _ov_dim(d): return d.get_length() if d.is_static else '?'
+
+class OvModel:
+    "An OpenVINO CPU model compiled from the ONNX model `model` (a path or bytes) at `precision` ('fp32' or 'bf16'): OrtModel's interface"
+    name = 'openvino'
+    def __init__(self, model, threads:int=None, precision:str=None):
+        try: import openvino
+        except ImportError as e: raise ImportError('OpenVINO is missing: pip install "fastinfer[openvino]"') from e
+        self.model,self.threads,self.precision = model if isinstance(model, bytes) else str(model),threads,precision or 'fp32'
+        if self.precision not in ('fp32', 'bf16'): raise ValueError(f"OpenVINO runs precision 'fp32' or 'bf16', not {precision!r}")
+        self._load(openvino)
+
+    def _load(self, ov):
+        core = ov.Core()
+        self.net = core.read_model(io.BytesIO(self.model) if isinstance(self.model, bytes) else self.model)
+        # 'f32' is explicit: on a CPU with native bf16 OpenVINO would otherwise run bf16 by default
+        cfg = {'INFERENCE_PRECISION_HINT': 'bf16' if self.precision=='bf16' else 'f32', 'PERFORMANCE_HINT': 'LATENCY',
+               'INFERENCE_NUM_THREADS': self.threads or cpu_count()}
+        self.compiled = core.compile_model(self.net, 'CPU', cfg)
+        self.inputs = [o.get_any_name() for o in self.compiled.inputs]
+        # one infer request, one caller at a time: `fast_predict` may be called from many threads
+        self.req,self.lock = self.compiled.create_infer_request(),threading.Lock()
+
+    def __getstate__(self): return {k:v for k,v in self.__dict__.items() if k not in ('net', 'compiled', 'req', 'lock')}
+    def __setstate__(self, d):
+        import openvino
+        self.__dict__.update(d); self._load(openvino)
+
+    def __call__(self, *xs): return self.named(**dict(zip(self.inputs, xs)))
+
+    def named(self, **xs):
+        "Outputs for the inputs `xs` by name, as `OrtModel.named`"
+        with self.lock:
+            res = self.req.infer({k:v for k,v in xs.items() if k in self.inputs}, share_inputs=False)
+            out = [np.array(res[o]) for o in self.compiled.outputs]
+        return out[0] if len(out)==1 else out
+
+    @property
+    def metadata(self)->dict:
+        "The ONNX model's metadata properties, as OpenVINO keeps them"
+        rt = self.net.get_rt_info()
+        if 'framework' not in rt: return {}
+        fw = self.net.get_rt_info(['framework'])
+        return {k: self.net.get_rt_info(['framework', k]).astype(str) for k in fw.astype(dict)} if hasattr(fw, 'astype') else {}
+    @property
+    def input_info(self)->list: return [(o.get_any_name(), [_ov_dim(d) for d in o.get_partial_shape()]) for o in self.compiled.inputs]
+    @property
+    def input_shape(self)->list: return self.input_info[0][1]
+
+def rt_model(model, threads:int=None, backend:str='onnxruntime', precision:str=None):
+    "The engine `backend` (one of `FILE_BACKENDS`) for the ONNX model `model` (a path or bytes): the learner's backends and `load` both build it here"
+    if backend=='onnxruntime':
+        if precision not in (None, 'fp32'): raise ValueError(f"ONNX Runtime runs an export in fp32, not precision={precision!r}: try backend='openvino'")
+        return OrtModel(model, threads)
+    if backend=='openvino': return OvModel(model, threads, precision)
+    raise ValueError(f'backend={backend!r}: an ONNX model runs on one of {FILE_BACKENDS}')
 
 class TorchFileModel:
     "A TorchScript (`.pt`) or `torch.export` (`.pt2`) file written by fastinfer: numpy in, numpy out (imports torch)"
@@ -197,14 +258,6 @@ def open_image(x, mode:str):
     img = Image.open(io.BytesIO(x) if isinstance(x, (bytes, bytearray)) else x)
     img.load()
     return img._new(img.im).convert(mode)
-
-def _nan_rows(x, n:int, good:list):
-    "`x`, the rows at positions `good`, as `n` rows; the others NaN (float), -1 (int) or False (bool)"
-    if len(good)==n: return x
-    fill = np.nan if x.dtype.kind=='f' else False if x.dtype==bool else -1
-    out = np.full((n, *x.shape[1:]), fill, dtype=x.dtype)
-    out[good] = x
-    return out
 
 class Predictor:
     "An exported `model` (a backend: uint8 NCHW batch in, activations out) with its `spec`: items in, decoded predictions out"
@@ -298,12 +351,18 @@ def _spec(meta:dict, fname)->dict:
     try: return json.loads(meta[SPEC_FILE])
     except ValueError as e: raise ValueError(f'{fname}: its {SPEC_FILE} is not valid JSON') from e
 
-def load(fname, device='cpu', threads:int=None)->Predictor:
-    "A `Predictor` for an `.onnx` (`export_onnx`; ONNX Runtime, no torch), `.pt` (`export_jit`) or `.pt2` (`export_program`) file"
+def load(fname, device='cpu', threads:int=None,
+         backend:str='onnxruntime', # An `.onnx` file's engine: 'onnxruntime' or 'openvino' (no torch either way)
+         precision:str=None, # 'bf16' runs an `.onnx` file in bf16 on OpenVINO (on a CPU with native bf16)
+        )->Predictor:
+    "A `Predictor` for an `.onnx` (`export_onnx`; ONNX Runtime or OpenVINO, no torch), `.pt` (`export_jit`) or `.pt2` (`export_program`) file"
     fname = Path(fname)
     if not fname.exists(): raise FileNotFoundError(fname)
-    try: model = OrtModel(fname, threads) if fname.suffix=='.onnx' else TorchFileModel(fname, device)
-    except ImportError: raise
+    if fname.suffix!='.onnx' and (backend not in (None, 'auto', 'onnxruntime', 'torch') or precision not in (None, 'fp32')):
+        raise ValueError(f'{fname}: backend {backend!r} and precision {precision!r} are for .onnx exports; a {fname.suffix} file runs on torch')
+    if backend in (None, 'auto'): backend = 'onnxruntime'
+    try: model = rt_model(fname, threads, backend, precision) if fname.suffix=='.onnx' else TorchFileModel(fname, device)
+    except (ImportError, ValueError): raise
     except Exception as e: raise ValueError(f'{fname} is not a fastinfer export: {type(e).__name__}: {str(e)[:200]}') from e
     spec = _spec(model.metadata, fname)
     if check_spec(spec).get('kind')=='tabular':
@@ -317,8 +376,8 @@ def load(fname, device='cpu', threads:int=None)->Predictor:
 def check_tab_inputs(spec:dict, model:OrtModel)->None:
     "Raise unless the ONNX `model`'s inputs have as many columns as `spec` has categorical (`x_cat`) and continuous (`x_cont`) columns"
     t = spec['tabular']
-    for o in model.sess.get_inputs():
-        want = dict(x_cat=len(t['cat_names']), x_cont=len(t['cont_names'])).get(o.name)
-        if want is None: raise ValueError(f'the model has an input {o.name!r}: a tabular export takes x_cat and x_cont')
-        if len(o.shape)!=2 or (isinstance(o.shape[1], int) and o.shape[1]!=want):
-            raise ValueError(f'the model input {o.name} has shape {o.shape}, but its spec has {want} such columns')
+    for name,shape in model.input_info:
+        want = dict(x_cat=len(t['cat_names']), x_cont=len(t['cont_names'])).get(name)
+        if want is None: raise ValueError(f'the model has an input {name!r}: a tabular export takes x_cat and x_cont')
+        if len(shape)!=2 or (isinstance(shape[1], int) and shape[1]!=want):
+            raise ValueError(f'the model input {name} has shape {shape}, but its spec has {want} such columns')

@@ -4,15 +4,21 @@
 
 # %% ../nbs/08c_tabproc.ipynb #df33f3bd
 from __future__ import annotations
-import math, numbers, warnings
+import json, math, numbers, re, warnings
+from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['TAB_TASKS', 'RowError', 'Table', 'TabProcs', 'check_tab_spec', 'TabularPredictor']
+__all__ = ['TAB_TASKS', 'TABLE_EXTS', 'RowError', 'row_msg', 'Table', 'TabProcs', 'check_tab_spec', 'TabularPredictor',
+           'read_table', 'TableWriter']
 
 # %% ../nbs/08c_tabproc.ipynb #7199ef04
 class RowError(ValueError):
     "A table row the learner's procs could not process: the message names its row and column"
+
+def row_msg(e)->str:
+    "The message of `RowError` `e` without its `row N: ` prefix, for callers that name the row otherwise (a request, an id)"
+    return re.sub(r'^row \d+: ', '', str(e))
 
 _MISSING = object()  # a dict row without this key
 
@@ -192,6 +198,12 @@ class TabularPredictor:
 
     def encode(self, rows, off:int=0)->tuple: return self.procs.encode(rows, off)
 
+    def example_row(self)->dict:
+        "A row every column of which is valid: the first class of each categorical column, the training mean (or fill value, or 0) of each continuous one"
+        pr = self.procs
+        row = {c: pr.classes[c][1] if len(pr.classes[c])>1 else None for c in pr.cat_names if c not in pr.na_cols}
+        return row | {c: pr.means.get(c, pr.fill.get(c, 0.)) for c in pr.cont_names}
+
     def prep(self, row)->tuple:
         "One row (a dict or `pd.Series`) as its `(cats, conts)` arrays; `RowError` naming the column if it is bad"
         cats,conts,bad = self.encode(row)
@@ -211,19 +223,26 @@ class TabularPredictor:
         if self.task=='multi': return probs > self.spec['thresh']
         return probs
 
-    def iter_preds(self, rows, bs:int=4096, on_error:str='raise'):
-        "Yield `(indices, probs, decoded, errors)` `bs` rows at a time; under `on_error='skip'` bad rows are NaN (-1 if integer) and `errors` holds `(row, message)`"
+    def iter_preds(self, rows, bs:int=4096, on_error:str='raise', off:int=0):
+        "Yield `(indices, probs, decoded, errors)` `bs` rows at a time, numbered from `off`; under `on_error='skip'` bad rows are NaN (-1 if integer) and `errors` holds `(row, message)`"
         if on_error not in ('raise', 'skip'): raise ValueError(f"on_error={on_error!r}: expected 'raise' or 'skip'")
         t = rows if isinstance(rows, Table) else Table(rows)
         for s in range(0, len(t), bs):
-            cats,conts,bad = self.encode(t.slice(s, s+bs), s)
+            cats,conts,bad = self.encode(t.slice(s, s+bs), off+s)
             if bad and on_error=='raise': raise RowError(bad[min(bad)])
             n = len(cats)
-            good = np.array([i for i in range(n) if s+i not in bad], dtype=np.int64)
+            good = np.array([i for i in range(n) if off+s+i not in bad], dtype=np.int64)
             # a slice where every row failed still runs one row, so the output has its width
             idx = good if len(good) else np.zeros(1, np.int64)
             probs = self.forward(cats[idx], conts[idx])[:len(good)]
-            yield np.arange(s, s+n),_nan_rows(probs, n, good),_nan_rows(self.decode(probs), n, good),sorted(bad.items())
+            yield np.arange(off+s, off+s+n),_nan_rows(probs, n, good),_nan_rows(self.decode(probs), n, good),sorted(bad.items())
+
+    def frame(self, rows, bs:int=4096, on_error:str='raise', off:int=0, topk:int=1, keep=()):
+        "A DataFrame of the `keep` columns of `rows` (a DataFrame) and the prediction `out_columns` of each row, numbered from `off` in the errors"
+        pd = _pd()
+        res = list(self.iter_preds(rows, bs, on_error, off))
+        cols = self.out_columns(np.concatenate([r[1] for r in res]), np.concatenate([r[2] for r in res]), [e for r in res for e in r[3]], off, topk)
+        return pd.DataFrame({**{k: rows[k].to_numpy() for k in keep}, **cols})
 
     def get_preds(self, rows, bs:int=4096, on_error:str='raise')->tuple:
         "`(probs, decoded)` for `rows`; with `on_error='skip'` also a list of `(row, message)`"
@@ -251,3 +270,77 @@ class TabularPredictor:
             return dict(label=self.vocab[int(dec)], index=int(dec), probability=float(prob[dec]), topk=[[self.vocab[i], float(prob[i])] for i in ix[:topk]])
         if self.task=='multi': return dict(labels=self.label(dec), probabilities={str(v): float(o) for v,o in zip(self.vocab, prob)})
         return dict(prediction=dec.tolist())
+
+    def out_columns(self, probs:np.ndarray, dec:np.ndarray, errors=(), off:int=0, topk:int=1)->dict:
+        "Output columns for the rows `probs` and `dec` from row `off`, as the CLI and `ray_predict` write them; `errors` (`(row, message)`s) fill `error`"
+        err = {i-off: m for i,m in errors}
+        ok = [i not in err for i in range(len(probs))]
+        if self.task=='single':
+            cols = dict(label=[self.vocab[int(d)] if o else None for d,o in zip(dec, ok)],
+                        probability=probs.max(1).astype(np.float64) if len(probs) else np.zeros(0))
+            if topk>1:
+                ix = np.argsort(-probs, 1, kind='stable')[:, :topk]
+                cols['topk'] = [json.dumps([[self.vocab[j], float(p[j])] for j in r]) if o else None for r,p,o in zip(ix, probs, ok)]
+        elif self.task=='multi': cols = dict(labels=[';'.join(str(v) for v in self.label(d)) if o else None for d,o in zip(dec, ok)])
+        else: cols = {y: probs[:, j].astype(np.float64) for j,y in enumerate(self.y_names)}
+        cols['error'] = [err.get(i, '') for i in range(len(probs))]
+        return cols
+
+# %% ../nbs/08c_tabproc.ipynb #a3c1e7f0
+TABLE_EXTS = ('.csv', '.parquet', '.pq')
+
+def _pyarrow():
+    try: import pyarrow, pyarrow.parquet
+    except ImportError: raise ImportError('reading or writing Parquet needs pyarrow: pip install "fastinfer[parquet]"') from None
+    return pyarrow
+
+def _csv_numbers(df, names):
+    "The columns `names` of a CSV chunk that pandas read as text (one bad value turns a whole column to text): numbers where they parse"
+    pd = _pd()
+    for c in names:
+        if c in df.columns and not pd.api.types.is_numeric_dtype(df[c].dtype):
+            num = pd.to_numeric(df[c], errors='coerce')
+            keep = num.isna() & df[c].notna()  # not a number: left as text for `TabProcs` to name
+            df[c] = num.astype(object).where(~keep, df[c]) if keep.any() else num
+    return df
+
+def read_table(fname, procs:TabProcs, chunk:int=100_000, extra=()):
+    "Yield DataFrames of `chunk` rows of the CSV or Parquet file `fname`: the learner's input columns (as `procs` reads them) and the `extra` ones"
+    pd,fname = _pd(),Path(fname)
+    if pd is None: raise ImportError('reading a table file needs pandas: pip install pandas')
+    if fname.suffix.lower() not in TABLE_EXTS: raise ValueError(f'{fname}: expected a table file ({", ".join(TABLE_EXTS)})')
+    want = list(dict.fromkeys(list(procs.inputs) + list(extra)))
+    if fname.suffix.lower()=='.csv':
+        head = pd.read_csv(fname, nrows=0).columns
+        # a categorical column whose classes are text is read as text, so '007' stays '007'
+        text = {c: str for c in procs.cat_names if c in head and all(isinstance(v, str) for v in procs.classes[c][1:])}
+        for df in pd.read_csv(fname, chunksize=chunk, usecols=[c for c in want if c in head], dtype=text):
+            yield _csv_numbers(df, procs.cont_names)
+    else:
+        pq = _pyarrow().parquet.ParquetFile(fname)
+        have = set(pq.schema_arrow.names)
+        for b in pq.iter_batches(batch_size=chunk, columns=[c for c in want if c in have]): yield b.to_pandas()
+
+class TableWriter:
+    "Write DataFrame chunks to a CSV or Parquet file `fname`, one after another (Parquet's schema is the first chunk's)"
+    def __init__(self, fname):
+        self.fname,self.n,self.w = Path(fname),0,None
+        if self.fname.suffix.lower() not in TABLE_EXTS: raise ValueError(f'{fname}: expected a .csv or .parquet output file')
+        self.pq = self.fname.suffix.lower()!='.csv'
+        if self.pq: _pyarrow()
+    def write(self, df):
+        if self.pq:
+            pa = _pyarrow()
+            if self.w is None:
+                t = pa.Table.from_pandas(df, preserve_index=False)
+                # a column of only missing values (no label in a chunk where every row failed) is text
+                t = t.cast(pa.schema([pa.field(f.name, pa.string() if pa.types.is_null(f.type) else f.type) for f in t.schema]))
+                self.w = pa.parquet.ParquetWriter(str(self.fname), t.schema)
+            else: t = pa.Table.from_pandas(df, schema=self.w.schema, preserve_index=False)
+            self.w.write_table(t)
+        else: df.to_csv(self.fname, mode='w' if not self.n else 'a', header=not self.n, index=False)
+        self.n += len(df)
+    def close(self):
+        if self.w is not None: self.w.close()
+    def __enter__(self): return self
+    def __exit__(self, *a): self.close()

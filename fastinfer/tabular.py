@@ -16,7 +16,7 @@ from .tabproc import *
 from .tabproc import _is_pd
 
 # %% auto #0
-__all__ = ['is_tabular', 'tab_unsupported', 'tab_spec', 'failed_rows', 'TabExportModule']
+__all__ = ['is_tabular', 'tab_unsupported', 'tab_spec', 'failed_rows', 'LearnerTabModel', 'tab_predictor', 'TabExportModule']
 
 # %% ../nbs/05a_tabular.ipynb #f2b0b8fd
 _XPROCS,_YPROCS = (FillMissing, Categorify, Normalize),(Categorize, MultiCategorize, EncodedMultiCategorize, RegressionSetup)
@@ -181,6 +181,28 @@ def _fast_tab_iter_preds(self:Learner, rows, bs=4096, on_error='raise', act=None
             yield res + (errs,) if on_error=='skip' else res
             k = s+n
         off += k
+
+class LearnerTabModel:
+    "A tabular learner's model behind the interface of an exported one (`named(x_cat=, x_cont=)` → activations), on the backend `fast_select` measures"
+    def __init__(self, learn:Learner, backend:str='auto', precision=None, device=None):
+        self.learn,self.backend,self.precision,self.device = learn,backend,precision,learner_device(learn, device)
+        self.act = getcallable(learn.loss_func, 'activation')
+        learn.model.eval()  # as fastai's `predict` runs it, whatever mode the `.pkl` saved it in
+
+    @property
+    def name(self)->str:
+        c = first(self.learn.fast_backend().values())
+        return c['backend'] if self.backend=='auto' and c else self.backend
+
+    def named(self, x_cat, x_cont)->np.ndarray:
+        learn,n = self.learn,len(x_cat)
+        xb = to_device((torch.from_numpy(np.ascontiguousarray(x_cat)), torch.from_numpy(np.asarray(x_cont, dtype=np.float32))), self.device)
+        with torch.inference_mode(), ort_threads(learn._fast_ort(self.backend, self.precision, self.device, n)):
+            return to_float(self.act(learn.fast_select(xb, self.backend, self.precision, self.device, n)(xb))).cpu().numpy()
+
+def tab_predictor(learn:Learner, backend:str='auto', precision=None, device=None)->TabularPredictor:
+    "A tabular learner as the runtime's `TabularPredictor`, so the CLI, `fastinfer serve` and Ray treat a `.pkl` as its `.onnx` export"
+    return TabularPredictor(LearnerTabModel(learn, backend, precision, device), tab_spec(learn))
 
 # %% ../nbs/05a_tabular.ipynb #7caf9e01
 class TabExportModule(nn.Module):

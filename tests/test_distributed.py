@@ -64,3 +64,27 @@ def test_missing_ray_message(monkeypatch):
     from fastinfer.distributed import ray_predict
     monkeypatch.setitem(sys.modules, 'ray', None)
     with pytest.raises(ImportError, match=r'pip install "fastinfer\[ray\]"'): ray_predict(['a.png'], 'm.onnx')
+
+def test_tabular_parquet(cluster, tmp_path):
+    "A tabular export over a Parquet dataset: each row keeps its id, good rows equal `fast_get_preds`, bad rows carry an error naming the column"
+    import ray.data, pandas as pd
+    from fastinfer.distributed import ray_predict
+    from fastinfer.cli import main
+    from fastinfer.test_utils import tab_learner
+    learn,df = tab_learner('single', tmp_path/'t')
+    fn = learn.export_onnx(tmp_path/'t.onnx')
+    d = df.drop(columns=['y', 'yb1', 'yb2', 'yr', 'yr2']).iloc[:100].astype({'x2': float})
+    d.insert(0, 'id', np.arange(100)*7)
+    d.loc[[5, 60], 'x2'] = np.nan  # no fill value: training had no NaN in x2
+    d.to_parquet(tmp_path/'rows.parquet')
+    out = ray_predict(ray.data.read_parquet(str(tmp_path/'rows.parquet')), fn, bs=32, keep=['id'], topk=2).to_pandas()
+    main(['predict', str(fn), str(tmp_path/'rows.parquet'), '-o', str(tmp_path/'cli.parquet'), '--ray', '--id-col', 'id'])
+    for o in (out, pd.read_parquet(tmp_path/'cli.parquet')):
+        o = o.set_index('id').loc[d.id]
+        eq(len(o), 100)
+        bad = o.error!=''
+        eq(list(np.flatnonzero(bad)), [5, 60]); assert o.error.iloc[5].startswith("column 'x2' is missing a value"), o.error.iloc[5]
+        good = [i for i in range(100) if i not in (5, 60)]
+        p,_,dec = learn.fast_get_preds(d.iloc[good], with_decoded=True, backend='torch')
+        eq(list(o.label.iloc[good]), [learn.dls.vocab[i] for i in dec.tolist()])
+        assert np.abs(o.probability.iloc[good].to_numpy() - p.max(1).values.numpy()).max() <= 1e-5

@@ -10,7 +10,7 @@ from fastinfer.test_utils import unet_synth
 from conftest import as_saved
 
 EPS = 1e-5
-FORCED = ['torch', 'onnxruntime']
+FORCED = ['torch', 'onnxruntime'] + (['openvino'] if has_openvino() else [])
 
 def fastai_preds(learn, files):
     with learn.no_bar(): return learn.get_preds(dl=learn.dls.test_dl(files, bs=16), with_input=True, with_decoded=True)

@@ -80,6 +80,45 @@ def test_worker_stall_is_an_error(single, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match='crashed or stalled'): learn.fast_get_preds(files[:2] + [fifo], bs=2, num_workers=1)
     assert time.time()-t0 < 60
 
+def test_worker_stall_retried(single, tmp_path, monkeypatch):
+    "A worker that hangs once (as one forked while another thread held a lock can) is replaced, and no item is lost"
+    learn,files = single
+    mark,parent,get = tmp_path/'hung',os.getpid(),fpreds.ItemsDataset.__getitem__
+    def getitem(self, i):
+        if os.getpid()!=parent and i==9 and not mark.exists(): mark.touch(); time.sleep(600)
+        return get(self, i)
+    monkeypatch.setattr(fpreds.ItemsDataset, '__getitem__', getitem)
+    monkeypatch.setattr(fpreds, 'WORKER_TIMEOUT', 3)
+    with pytest.warns(UserWarning, match=r'stalled near items 8-15 .*from item 8 again in fresh workers'):
+        res = learn.fast_get_preds(files, bs=8, num_workers=2, with_decoded=True, backend='torch')
+    assert mark.exists()
+    ref = learn.fast_get_preds(files, bs=8, with_decoded=True, backend='torch')
+    eq(res[0], ref[0]); eq(res[2], ref[2])
+
+def test_workers_ignore_inherited_garbage(single, tmp_path, monkeypatch):
+    "A worker that collects garbage it inherited must not free an ONNX Runtime session there: that waits forever on threads it lacks"
+    import gc
+    from fastinfer.runtime import load
+    learn,files = single
+    fn = learn.export_onnx(tmp_path/'m.onnx')
+    class Cycle: pass
+    gc.disable()
+    try:
+        c = Cycle(); c.me,c.p = c,load(fn, threads=2)
+        c.p.get_preds(files[:4]); time.sleep(0.5)  # its thread pool has run, and waits
+        del c  # garbage now, which only the collector frees
+        parent,get = os.getpid(),fpreds.ItemsDataset.__getitem__
+        def getitem(self, i):
+            if os.getpid()!=parent: gc.collect()
+            return get(self, i)
+        monkeypatch.setattr(fpreds.ItemsDataset, '__getitem__', getitem)
+        monkeypatch.setattr(fpreds, 'WORKER_TIMEOUT', 10)
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')  # no stall, so no retry
+            res = learn.fast_get_preds(files[:16], bs=8, num_workers=2, backend='torch')[0]
+    finally: gc.enable()
+    eq(res, learn.fast_get_preds(files[:16], bs=8, backend='torch')[0])
+
 def test_threads_match_serial(single):
     learn,files = single
     items = files[:10]

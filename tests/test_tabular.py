@@ -32,7 +32,7 @@ def odd_rows(df):
     d['extra'] = 'ignored'
     return d
 
-@pytest.mark.parametrize('backend', ['torch', 'onnxruntime', 'auto'])
+@pytest.mark.parametrize('backend', ['torch', 'onnxruntime', 'openvino', 'auto'])
 def test_get_preds_parity(tab, backend):
     "inputs identical, decoded identical, probabilities bit-identical on torch and within 1e-5 elsewhere; fastai's types"
     kind,learn,df = tab
@@ -123,7 +123,7 @@ def test_bad_rows(tab):
         with pytest.raises(RowError, match="column 'x2' is missing"): learn.fast_predict({k:v for k,v in dict(df.iloc[0]).items() if k!='x2'})
 
 def test_export_onnx(tab, tmp_path):
-    "each kind to one ONNX file, loaded by `fastinfer.runtime` in a process where torch and fastai cannot be imported: the same answers"
+    "each kind to one ONNX file, loaded by `fastinfer.runtime` (ONNX Runtime and OpenVINO) in a process where torch and fastai cannot be imported: the same answers"
     kind,learn,df = tab
     fn = learn.export_onnx(tmp_path/f'{kind}.onnx', example_items=df.iloc[:16])
     rows = df.iloc[:50]
@@ -140,7 +140,9 @@ probs,dec = p.get_preds(df, bs=16)
 rows = [{{k: (None if isinstance(v, float) and v!=v else v) for k,v in r.items()}} for r in df.to_dict('records')]
 probs2 = p.get_preds(rows)[0]
 one = p.predict(rows[0])
-np.save({str(tmp_path/'p.npy')!r}, np.stack([probs, probs2]))
+ov = load({str(fn)!r}, backend='openvino')  # OpenVINO needs no torch either
+assert ov.backend=='openvino'
+np.save({str(tmp_path/'p.npy')!r}, np.stack([probs, probs2, ov.get_preds(df, bs=16)[0]]))
 print(json.dumps([one[0] if not isinstance(one[0], list) else one[0]]))
 """
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
