@@ -33,7 +33,7 @@ pytest: install
 	$(PY) -m pytest
 
 nbtest: install
-	$(BIN)/nbdev-test
+	FASTINFER_CACHE=0 $(BIN)/nbdev-test  # deterministic: each notebook measures for itself
 
 test: sync-check pytest nbtest
 

@@ -12,11 +12,13 @@ from .engine import *
 from .preds import *
 from .quant import *
 from .export import *
-from .demo import cache_dir
+from .cache import cache_dir
+from .runtime import cpu_flags, cpu_name, native_bf16
 
 # %% auto #0
-__all__ = ['bench_corpus', 'bench_learner', 'bench', 'cpu_line', 'bench_e2e', 'benchmark_archs', 'archs_table', 'archs_plot',
-           'bench_table', 'bench_plot', 'bench_serve', 'tab_workload', 'bench_tabular']
+__all__ = ['bench_corpus', 'bench_learner', 'bench', 'cpu_line', 'bench_e2e', 'bench_first_call', 'benchmark_archs',
+           'archs_table', 'archs_plot', 'bench_table', 'bench_plot', 'bench_tab_surfaces', 'bench_serve',
+           'tab_workload', 'bench_tabular']
 
 # %% ../nbs/06_bench.ipynb #72149883
 def bench_corpus(path=None, n:int=512, n_big:int=16, seed:int=0)->tuple:
@@ -113,9 +115,10 @@ def _bench(learn, items, bs, n_rep, n_predict, compile, onnx, big, exports, int8
     def fi(precision=None, backend='auto', fast_decode=False):
         return lambda items: learn.fast_get_preds(items, bs=bs, precision=precision, backend=backend, fast_decode=fast_decode)[0]
     fs,modes = {'fastai get_preds': fa, 'plain PyTorch (torchvision + DataLoader)': _torchvision_preds(learn, sz, bs)},{}
-    backends = ['auto', 'torch'] + (['onnxruntime'] if onnx else []) + (['compile'] if compile else [])
+    backends = ['auto', 'torch'] + (['onnxruntime'] + (['openvino'] if has_openvino() else []) if onnx else []) + (['compile'] if compile else [])
     for prec in (None, 'bf16'):
-        for be in (backends if prec is None else ['auto']):
+        # bf16 rows: what 'auto' keeps, and each native-bf16 engine forced
+        for be in (backends if prec is None else ['auto'] + ((['torch'] + (['openvino'] if has_openvino() else [])) if native_bf16() else [])):
             k = f"fastinfer {'default' if be=='auto' else 'backend=' + be}{' bf16' if prec else ''}"
             fs[k],modes[k] = fi(prec, be),(be, prec)
     if int8:
@@ -153,11 +156,12 @@ def _thread_rows(learn, items, threads=(1, 8))->list:
     for r in out: r['speedup'] = r['img_s']/out[0]['img_s']
     return out
 
-def _predict_rows(learn, items, compile=True)->list:
-    "Single-item latency, p50 and p95 over `items`: fastai `predict` against `fast_predict`"
+def _predict_rows(learn, items, compile=True, pause:float=0.1)->list:
+    "Single-item latency, p50 and p95 over `items`: fastai `predict` against `fast_predict`, each call after a `pause` (s)"
     def lat(f):
         f(items[0]); ts = []
-        for o in items: ts.append(_time(f, o)[0])
+        # the pause lets threads left spinning by the previous call (either library's) go idle, so they bill no one
+        for o in items: time.sleep(pause); ts.append(_time(f, o)[0])
         return np.percentile(ts, 50)*1e3,np.percentile(ts, 95)*1e3
     def fa(o):
         with learn.no_bar(): return learn.predict(o)
@@ -186,6 +190,35 @@ def bench_e2e(learn:Learner, items, bs:int=64)->list:
     return [dict(name=f'fastai get_preds, end to end, {len(items)} images', img_s=len(items)/t_fa, speedup=1.),
             dict(name=f"fastinfer defaults, end to end, {len(items)} images ({chose}, backend choice included)",
                  img_s=len(items)/t_fi, speedup=t_fa/t_fi, max_dp=(p-ref).abs().max().item(), top1=(p.argmax(1)==ref.argmax(1)).float().mean().item())]
+
+_FIRST = """
+import sys, time, warnings
+warnings.simplefilter('ignore')
+from fastai.vision.all import load_learner, get_image_files
+import fastinfer
+learn = load_learner(sys.argv[1]); items = sorted(get_image_files(sys.argv[2]))[:int(sys.argv[3])]; bs = int(sys.argv[4])
+t0 = time.perf_counter()
+with learn.no_bar():
+    if sys.argv[5]=='fastai': learn.get_preds(dl=learn.dls.test_dl(items, bs=bs))
+    else: learn.fast_get_preds(items, bs=bs)
+print(time.perf_counter()-t0)
+"""
+
+def bench_first_call(pkl, folder, n:int=128, bs:int=64)->list:
+    "The first call of a fresh process (after `load_learner`) over `n` images of `folder`: fastai, and fastinfer with an empty and a warm cache"
+    import subprocess, sys, tempfile
+    def run(who, cache):
+        env = dict(os.environ, FASTINFER_CACHE=cache)
+        r = subprocess.run([sys.executable, '-c', _FIRST, str(pkl), str(folder), str(n), str(bs), who], capture_output=True, text=True, env=env, timeout=900)
+        if r.returncode: raise RuntimeError(r.stderr[-2000:])
+        return float(r.stdout.strip().splitlines()[-1])
+    cache = tempfile.mkdtemp(prefix='fastinfer-cache-')
+    t_fa = run('fastai', '0')
+    rows = [dict(name=f'fastai get_preds, first call in a fresh process, {n} images', s=t_fa, speedup=1.)]
+    for k in ('empty', 'warm'):
+        t = run('fastinfer', cache)
+        rows.append(dict(name=f'fastinfer fast_get_preds, first call in a fresh process, {k} cache', s=t, speedup=t_fa/t))
+    return rows
 
 # %% ../nbs/06_bench.ipynb #17ca6dcb
 def benchmark_archs(archs=('resnet18', 'resnet34'), size:int=224, bs:int=64, precision:str=None, n_rep:int=3, n_lat:int=10)->list:
@@ -222,9 +255,9 @@ def archs_plot(rows, fname):
 # %% ../nbs/06_bench.ipynb #a03fd375
 def bench_table(rows:list)->str:
     "`rows` of `bench` as a markdown table"
-    cols = [('name',''), ('img_s','img/s'), ('p50_ms','p50 ms'), ('p95_ms','p95 ms'), ('p99_ms','p99 ms'), ('errors','errors'), ('wrong','wrong/lost'), ('rows','rows'), ('exact','exactly the bad ones'), ('rss_mb','MB'), ('speedup','vs fastai'), ('max_dp','max \\|Δp\\|'),
+    cols = [('name',''), ('img_s','img/s'), ('rows_s','rows/s'), ('p50_ms','p50 ms'), ('p95_ms','p95 ms'), ('p99_ms','p99 ms'), ('errors','errors'), ('wrong','wrong/lost'), ('rows','rows'), ('exact','exactly the bad ones'), ('rss_mb','MB'), ('speedup','vs fastai'), ('max_dp','max \\|Δp\\|'),
             ('top1','top-1 agree'), ('efficiency','efficiency'), ('warmup_s','first call s'), ('s','s'), ('ratio','vs fastai predict')]
-    fmt = dict(s='{:.3f}', ratio='{:.3f}x', img_s='{:.1f}', p50_ms='{:.3g}', p95_ms='{:.1f}', p99_ms='{:.1f}', rss_mb='{:.1f}', speedup='{:.2f}x', max_dp='{:.1e}', top1='{:.1%}', efficiency='{:.2f}', warmup_s='{:.1f}')
+    fmt = dict(rows_s='{:,.0f}', s='{:.3f}', ratio='{:.3f}x', img_s='{:.1f}', p50_ms='{:.3g}', p95_ms='{:.1f}', p99_ms='{:.1f}', rss_mb='{:.1f}', speedup='{:.2f}x', max_dp='{:.1e}', top1='{:.1%}', efficiency='{:.2f}', warmup_s='{:.1f}')
     cols = [(c,h) for c,h in cols if c=='name' or any(c in r for r in rows)]  # only the columns these rows fill
     lines = ['| ' + ' | '.join(h for _,h in cols) + ' |', '|' + '---|'*len(cols)]
     for r in rows: lines.append('| ' + ' | '.join(fmt.get(c,'{}').format(r[c]) if c in r else '' for c,_ in cols) + ' |')
@@ -240,6 +273,77 @@ def bench_plot(rows:list, fname):
     plt.close(fig)
 
 # %% ../nbs/06_bench.ipynb #b5e0c002
+def _jsonrow(r)->dict: return {k: None if isinstance(v, float) and v!=v else v.item() if hasattr(v, 'item') else v for k,v in dict(r).items()}
+
+def bench_tab_surfaces(n_cli:int=1_000_000, chunk:int=100_000, n_fastai:int=2, n_serve:int=400, n_check:int=2000, n_ray:int=1_000_000, bad_frac:float=0.05)->list:
+    "The tabular issue's surfaces on `tab_workload`, from one `.onnx` export: the CLI over a CSV against fastai over the same chunks, `fastinfer serve` with JSON rows, Ray Data over Parquet"
+    import resource, subprocess, sys, tempfile, httpx
+    from concurrent.futures import ThreadPoolExecutor
+    from fastinfer.runtime import load
+    from fastinfer.serve import ServerProcess
+    d = Path(tempfile.mkdtemp(prefix='fastinfer-tab-'))
+    df = tab_workload(max(n_cli, n_ray))
+    learn = _tab_bench_learner(df.iloc[:20_000])
+    X = df.drop(columns='y')
+    fn,rows = learn.export_onnx(d/'t.onnx', example_items=X.iloc[:64]),[]
+    # the CLI in a fresh process (its start included), against fastai's get_preds over `n_fastai` chunks of the same file
+    X.iloc[:n_cli].to_csv(d/'rows.csv', index_label='id')
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, '-c', 'from fastinfer.cli import main; main()', 'predict', str(fn), str(d/'rows.csv'), '-o', str(d/'out.csv'),
+                        '--id-col', 'id', '--chunk', str(chunk)], capture_output=True, text=True)
+    t_cli = time.perf_counter()-t0
+    if r.returncode: raise RuntimeError(r.stderr[-2000:])
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024
+    t_fa,n_fa = 0.,0
+    with learn.no_bar():
+        for i,c in enumerate(pd.read_csv(d/'rows.csv', chunksize=chunk, index_col='id')):
+            if i==n_fastai: break
+            t,ref = _time(lambda: learn.get_preds(dl=learn.dls.test_dl(c))[0]); t_fa += t; n_fa += len(c)
+            if i==0: first = ref
+    out = pd.read_csv(d/'out.csv', nrows=chunk)
+    dp = float(np.abs(out.probability.to_numpy() - first.max(1).values.numpy()).max())
+    rows += [dict(name=f'fastai get_preds(dl=test_dl(chunk)), {n_fa:,} rows in chunks of {chunk:,}', rows_s=n_fa/t_fa),
+             dict(name=f'fastinfer predict t.onnx rows.csv, {n_cli:,} rows (process start included)', rows_s=n_cli/t_cli,
+                  speedup=(n_cli/t_cli)/(n_fa/t_fa), max_dp=dp, rss_mb=rss)]
+    # serve: JSON rows from 8 clients, against fastai's predict(row) one after another
+    sample = [X.iloc[i] for i in range(30)]
+    with learn.no_bar():
+        learn.predict(sample[0]); t,_ = _time(lambda: [learn.predict(o) for o in sample])
+    rows.append(dict(name='fastai predict(row), serially', rows_s=len(sample)/t))
+    p,js = load(fn),[_jsonrow(X.iloc[i]) for i in range(n_check)]
+    want = [p.predict(j) for j in js]
+    with ServerProcess(fn) as s, httpx.Client(timeout=60, limits=httpx.Limits(max_connections=64)) as c:
+        def post(i, bad=False):
+            t0 = time.perf_counter()
+            r = c.post(s.url + '/predict', json=dict(js[i], x0='abc') if bad else js[i])
+            return i,bad,r,time.perf_counter()-t0
+        with ThreadPoolExecutor(8) as ex:
+            list(ex.map(post, range(16)))
+            t0 = time.perf_counter(); res = list(ex.map(post, range(n_serve))); dt = time.perf_counter()-t0
+        lat = np.array([o[3] for o in res])*1e3
+        rows.append(dict(name='fastinfer serve t.onnx, JSON rows, concurrency 8', rows_s=n_serve/dt, speedup=(n_serve/dt)/rows[-1]['rows_s'],
+                         p50_ms=float(np.percentile(lat, 50)), p99_ms=float(np.percentile(lat, 99)), errors=sum(o[2].status_code!=200 for o in res)))
+        bad = np.random.default_rng(0).random(n_check) < bad_frac
+        with ThreadPoolExecutor(32) as ex: res = list(ex.map(lambda i: post(i, bad[i]), range(n_check)))
+        def right(i, b, r):
+            if b: return r.status_code==400 and "column 'x0'" in r.json()['error']
+            return r.status_code==200 and r.json()['label']==want[i][0] and abs(r.json()['probability']-float(want[i][2].max())) <= 1e-5
+        rows.append(dict(name=f'{n_check} JSON rows at concurrency 32, {bad.sum()} of them bad: wrong or lost replies', wrong=sum(not right(*o[:3]) for o in res)))
+    # Ray Data over Parquet: 1 actor against 2, one thread each
+    try: import ray
+    except ImportError: return rows
+    from fastinfer.distributed import ray_predict
+    X.iloc[:n_ray].reset_index(names='id').to_parquet(d/'rows.parquet', row_group_size=50_000)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for k in (1, 2):
+            t0 = time.perf_counter()
+            n = ray_predict(ray.data.read_parquet(str(d/'rows.parquet')), fn, bs=8192, actors=k, threads_per_actor=1, keep=['id']).count()
+            rows.append(dict(name=f'ray_predict over Parquet, {k} actor{"s" if k>1 else ""} of 1 thread, {n:,} rows', rows_s=n/(time.perf_counter()-t0)))
+        rows[-1]['speedup'] = rows[-1]['rows_s']/rows[-2]['rows_s']
+    finally: ray.shutdown()
+    return rows
+
 def bench_serve(model, items, concurrency=(1, 8, 32), n:int=200, n_check:int=2000, n_rss:int=5000, bad_frac:float=0.05, **server_args)->list:
     "Load `fastinfer serve model` with `items` (image files) on loopback: throughput and latency per concurrency, wrong or lost replies, RSS growth"
     import httpx

@@ -62,6 +62,11 @@ def _bench(args):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         learn = load_learner(args.learner) if args.learner else bench_learner(sz=args.size)
+    if args.tab_surfaces:
+        from fastinfer.bench import bench_tab_surfaces, bench_table, cpu_line
+        rows = bench_tab_surfaces(n_cli=args.tab_surfaces, n_ray=args.tab_surfaces)
+        print(f"tabular_learner(layers=[200,100]), 8 categorical + 6 continuous columns (5% missing), from one .onnx export, {defaults.cpus} CPU threads\nCPU: {cpu_line()}\n")
+        return print(bench_table(rows))
     if args.tabular:
         from fastinfer.bench import bench_tabular, bench_table, cpu_line
         rows = bench_tabular(n=args.tabular)
@@ -80,6 +85,12 @@ def _bench(args):
     if args.ray: return _bench_ray(args, learn, items)
     rows = bench(learn, items, bs=args.bs, n_rep=args.reps, compile=not args.no_compile, big=big)
     if args.e2e: rows += bench_e2e(learn, bench_corpus(n=args.e2e)[0] if not args.items else items, bs=args.bs)
+    if args.first_call:
+        import tempfile
+        from fastinfer.bench import bench_first_call
+        pkl = Path(args.learner) if args.learner else Path(tempfile.mkdtemp())/'bench.pkl'
+        if not args.learner: learn.export(pkl)
+        rows += bench_first_call(pkl.absolute(), Path(args.items) if args.items else Path(items[0]).parent, n=args.first_call, bs=args.bs)
     from fastinfer.bench import cpu_line
     print(f"{len(items)} images, {'resnet18 at %d px (random init)' % args.size if not args.learner else args.learner}, bs {args.bs}, "
           f"{defaults.cpus} CPU threads, torch {__import__('torch').__version__}\nCPU: {cpu_line()}\n"
@@ -190,7 +201,8 @@ def _predict_ray_table(args, src, out):
     from fastinfer.distributed import ray_predict
     if not ray.is_initialized(): ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
     ds = ray.data.read_csv(str(src)) if src.suffix.lower()=='.csv' else ray.data.read_parquet(str(src))
-    ds = ray_predict(ds, args.model, bs=args.bs or 4096, actors=args.actors, topk=args.topk, keep=[args.id_col] if args.id_col else ())
+    ds = ray_predict(ds, args.model, bs=args.bs or 4096, actors=args.actors, topk=args.topk, keep=[args.id_col] if args.id_col else (),
+                     backend=args.backend, precision=args.precision)
     if out.suffix.lower()=='.csv': ds.write_csv(str(out))
     else: ds.write_parquet(str(out))
     print(f'wrote {ds.count()} rows to {out}', file=sys.stderr)
@@ -199,7 +211,8 @@ def _predict_ray(args, items, out):
     "`fastinfer predict --ray`: the same rows, computed by Ray Data actors, written as Parquet (or CSV by suffix)"
     import sys
     from fastinfer.distributed import ray_predict
-    ds = ray_predict([str(o) for o in items], args.model, bs=args.bs, actors=args.actors, address=args.address, topk=args.topk)
+    ds = ray_predict([str(o) for o in items], args.model, bs=args.bs, actors=args.actors, address=args.address, topk=args.topk,
+                     backend=args.backend, precision=args.precision)
     if out.suffix=='.csv': ds.write_csv(str(out))
     else: ds.write_parquet(str(out))
     print(f'wrote {len(items)} rows to {out}', file=sys.stderr)
@@ -227,11 +240,13 @@ def parser()->argparse.ArgumentParser:
     b.add_argument('--reps', type=int, default=2, help='timed rounds per contender')
     b.add_argument('--no-compile', action='store_true', help='leave out the torch.compile rows')
     b.add_argument('--e2e', type=int, default=0, help='also time one cold end-to-end run over this many corpus images')
+    b.add_argument('--first-call', type=int, nargs='?', const=128, default=0, help='also time the first call of fresh processes over this many images: fastai, and fastinfer with an empty and a warm cache')
     b.add_argument('--serve', nargs='?', const='export', help='instead: load-test `fastinfer serve` (an .onnx/.pkl, or the built-in learner exported)')
     b.add_argument('--n-check', type=int, default=2000, help='with --serve: requests of the correctness run (5%% garbage)')
     b.add_argument('--n-rss', type=int, default=5000, help='with --serve: requests of the memory run')
     b.add_argument('--ray', action='store_true', help='instead: Ray Data on this machine (actors 1 vs 2, bad files, driver memory)')
     b.add_argument('--tabular', type=int, nargs='?', const=100_000, default=0, help='instead: a tabular learner, fastai against fastinfer on this many rows, one row and a wide table')
+    b.add_argument('--tab-surfaces', type=int, nargs='?', const=1_000_000, default=0, help='instead: a tabular export through the CLI (CSV), serve (JSON rows) and Ray (Parquet) over this many rows')
     b.add_argument('--archs', help='instead: latency and throughput of these comma-separated torchvision backbones, random init')
     b.add_argument('--precision', default=None, choices=['fp32', 'bf16'], help='precision for --archs')
     b.add_argument('--json', help='also write the rows as JSON here')
@@ -245,8 +260,8 @@ def parser()->argparse.ArgumentParser:
     pr.add_argument('--bs', type=int, default=None, help='batch size (default: 64 images, 4096 table rows)')
     pr.add_argument('--id-col', default=None, help='a table: the column written beside each prediction, to join on')
     pr.add_argument('--chunk', type=int, default=100_000, help='a table: rows read at a time (memory stays flat)')
-    pr.add_argument('--precision', default=None, choices=['fp32', 'bf16', 'fp16'], help='precision (.pkl only; default: fastai\'s)')
-    pr.add_argument('--backend', default='auto', choices=list(BACKENDS), help='model engine (.pkl only; default: measured)')
+    pr.add_argument('--precision', default=None, choices=['fp32', 'bf16', 'fp16'], help="precision (default: fastai's; bf16 runs an .onnx on OpenVINO)")
+    pr.add_argument('--backend', default='auto', choices=list(BACKENDS), help='model engine (default: measured for a .pkl, onnxruntime for an .onnx, which also runs on openvino)')
     pr.add_argument('--device', default=None, help="'cpu', 'cuda', ... (default: cpu)")
     pr.add_argument('--topk', type=int, default=1, help='also write the top K classes with their probabilities')
     pr.add_argument('--on-error', default='raise', choices=['raise', 'skip'], help='stop at a bad item (exit 1), or skip it')
@@ -264,8 +279,8 @@ def parser()->argparse.ArgumentParser:
     s.add_argument('--max-body-mb', type=float, default=20, help='largest request body; past it, 413')
     s.add_argument('--timeout-s', type=float, default=30, help='a request not answered by then gets 504')
     s.add_argument('--api-key', default=None, help='require `Authorization: Bearer KEY` (default: $FASTINFER_API_KEY)')
-    s.add_argument('--backend', default='auto', choices=list(BACKENDS), help='model engine (.pkl only)')
-    s.add_argument('--precision', default=None, choices=['fp32', 'bf16', 'fp16'], help='precision (.pkl only)')
+    s.add_argument('--backend', default='auto', choices=list(BACKENDS), help='model engine (default: measured for a .pkl, onnxruntime for an .onnx, which also runs on openvino)')
+    s.add_argument('--precision', default=None, choices=['fp32', 'bf16', 'fp16'], help='precision (bf16 runs an .onnx on OpenVINO)')
     s.set_defaults(func=_serve)
     e = sub.add_parser('evaluate', help='held-out accuracy of fp32, bf16, int8 and TTA on the real digits (trains once, cached)')
     e.add_argument('--size', type=int, default=64, help='image size')

@@ -9,15 +9,12 @@ from fastai.vision.all import *
 from PIL import Image
 import fastinfer.preds
 from .core import reload_learner
+from .cache import cache_dir
 
 # %% auto #0
-__all__ = ['cache_dir', 'digits_files', 'digits_learner', 'bf16_fallback', 'demo', 'demo_table']
+__all__ = ['digits_files', 'digits_learner', 'bf16_fallback', 'demo', 'demo_table']
 
 # %% ../nbs/03_demo.ipynb #0e7cd7c7
-def cache_dir()->Path:
-    "Where fastinfer keeps generated data and learners: `$FASTINFER_CACHE`, else `~/.cache/fastinfer`"
-    return Path(os.environ.get('FASTINFER_CACHE', Path.home()/'.cache'/'fastinfer'))
-
 def digits_files(path=None, sz:int=32)->tuple:
     "scikit-learn's digits as `sz`-px RGB PNGs in `path/<label>/`; returns `(train_files, heldout_files)`"
     from sklearn.datasets import load_digits

@@ -16,9 +16,9 @@ __all__ = ['Predict', 'PredictRows', 'ray_resources', 'ray_predict', 'bench_ray'
 # %% ../nbs/13_distributed.ipynb #d1e00005
 class Predict:
     "Ray Data's callable class: loads the export `model` once per actor, then maps a batch `{'item': [...]}` to prediction rows"
-    def __init__(self, model, threads:int=1, topk:int=0):
+    def __init__(self, model, threads:int=1, topk:int=0, backend:str='onnxruntime', precision:str=None):
         from PIL import Image
-        self.p,self.topk = load(model, threads=threads),topk
+        self.p,self.topk = load(model, threads=threads, backend=backend, precision=precision),topk
         # one blank image: the model is warm, and a failed row's `probs` (NaN) is as wide as a good one's, as Arrow needs
         prob = self.p.run([self.p.prep(Image.new(self.p.mode, (64,64)))])[0]
         self.width = 0 if self.p.task=='segmentation' else prob.size
@@ -49,8 +49,8 @@ class Predict:
 
 class PredictRows:
     "Ray Data's callable class for a tabular export: a batch of rows (pandas) → its `keep` columns, the prediction columns `fastinfer predict` writes, and `error`"
-    def __init__(self, model, threads:int=1, topk:int=1, keep=()):
-        self.p,self.topk,self.keep = load(model, threads=threads),topk,list(keep)
+    def __init__(self, model, threads:int=1, topk:int=1, keep=(), backend:str='onnxruntime', precision:str=None):
+        self.p,self.topk,self.keep = load(model, threads=threads, backend=backend, precision=precision),topk,list(keep)
 
     def __call__(self, df):
         miss = [k for k in self.keep if k not in df.columns]
@@ -81,6 +81,8 @@ def ray_predict(items, # Paths or URIs every worker can read, or a `ray.data.Dat
     topk:int=0, # Also a `topk` column (JSON) for single-label models
     address:str=None, # A running cluster (`ray.init(address=...)`); default: the one running, else a local one
     keep=(), # A tabular model: the columns of `items` (a `Dataset` of rows) each output row carries, such as an id
+    backend:str='onnxruntime', # An `.onnx` model's engine on the workers: 'onnxruntime' or 'openvino'
+    precision:str=None, # 'bf16' runs it on OpenVINO in bf16 (on CPUs with native bf16)
 ):
     "A `ray.data.Dataset` of `item`, `label`, `probability`, `probs` and `error` ('' where the item succeeded): one row per item (Ray may reorder rows; each names its item). A tabular model: the `keep` columns, the prediction columns and `error`"
     try:
@@ -91,14 +93,15 @@ def ray_predict(items, # Paths or URIs every worker can read, or a `ray.data.Dat
     fn = Path(model)
     model = str(fn.resolve()) if fn.exists() else str(model)
     actors,cpa,threads = ray_resources(ray.cluster_resources().get('CPU', 1), actors, cpus_per_actor, threads_per_actor)
-    if getattr(load(model), 'kind', None)=='tabular':  # read here too: a bad file fails once, in the driver
+    rt = dict(backend=backend, precision=precision)
+    if getattr(load(model, **rt), 'kind', None)=='tabular':  # read here too: a bad file (or engine) fails once, in the driver
         if not isinstance(items, ray.data.Dataset): items = ray.data.from_pandas(items) if type(items).__name__=='DataFrame' else ray.data.from_items(list(items))
-        return items.map_batches(PredictRows, fn_constructor_kwargs=dict(model=model, threads=threads, topk=max(topk, 1), keep=keep), batch_size=bs,
+        return items.map_batches(PredictRows, fn_constructor_kwargs=dict(model=model, threads=threads, topk=max(topk, 1), keep=keep, **rt), batch_size=bs,
                                  compute=ActorPoolStrategy(size=actors), num_cpus=cpa, batch_format='pandas')
     if isinstance(items, ray.data.Dataset):
         ds = items if 'item' in items.columns() else items.rename_columns({'path': 'item'})
     else: ds = ray.data.from_items([{'item': str(o)} for o in items])
-    return ds.map_batches(Predict, fn_constructor_kwargs=dict(model=model, threads=threads, topk=topk), batch_size=bs,
+    return ds.map_batches(Predict, fn_constructor_kwargs=dict(model=model, threads=threads, topk=topk, **rt), batch_size=bs,
                           compute=ActorPoolStrategy(size=actors), num_cpus=cpa, batch_format='numpy')
 
 # %% ../nbs/13_distributed.ipynb #d1e0000c

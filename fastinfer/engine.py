@@ -4,20 +4,20 @@
 
 # %% ../nbs/05_engine.ipynb #5e3e3ff5
 from __future__ import annotations
-import functools, io, itertools, threading, time, warnings
+import functools, hashlib, importlib, io, itertools, json, threading, time, warnings
 from contextlib import contextmanager
 from fastai.basics import *
 from copy import deepcopy
 from .core import learner_device
-from .runtime import rt_model, cpu_count, BACKENDS, FILE_BACKENDS
+from .cache import cache_key, cache_get, cache_put
+from .runtime import rt_model, cpu_count, BACKENDS, FILE_BACKENDS, cpu_flags, cpu_name, BF16_FLAGS, native_bf16
 from fastai.callback.fp16 import MixedPrecision, AMPMode
 from fastai.learner import _cast_tensor
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'BF16_FLAGS', 'PROBE_N', 'PARITY', 'PROBE_MARGIN', 'COMPILE_S', 'check_precision', 'autocast_dtype',
-           'cpu_flags', 'cpu_name', 'native_bf16', 'has_openvino', 'Forward', 'TorchBackend', 'onnx_export',
-           'onnx_bytes', 'ort_threads', 'torch_threads', 'OnnxBackend', 'is_onnx', 'OrtModule', 'max_dp',
-           'should_compile']
+__all__ = ['PRECISIONS', 'PROBE_N', 'PARITY', 'PROBE_MARGIN', 'COMPILE_S', 'check_precision', 'autocast_dtype', 'has_openvino',
+           'Forward', 'TorchBackend', 'onnx_export', 'onnx_bytes', 'ort_threads', 'torch_threads', 'OnnxBackend',
+           'model_hash', 'is_onnx', 'OrtModule', 'max_dp', 'pick_backend', 'should_compile']
 
 # %% ../nbs/05_engine.ipynb #9383a372
 PRECISIONS = (None, 'fp32', 'bf16', 'fp16')
@@ -39,26 +39,6 @@ def autocast_dtype(learn:Learner, precision, device):
     mp = first(cb for cb in learn.cbs if isinstance(cb, MixedPrecision))
     if mp is None or torch.device(device).type!='cuda': return None
     return torch.bfloat16 if mp.amp_mode==AMPMode.BF16 else torch.float16
-
-@functools.cache
-def cpu_flags()->set:
-    "This CPU's feature flags as `/proc/cpuinfo` lists them (empty where it cannot be read)"
-    try: line = first(l for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith(('flags', 'Features')))
-    except OSError: return set()
-    return set(line.split(':', 1)[1].split()) if line else set()
-
-@functools.cache
-def cpu_name()->str:
-    "This CPU's model name"
-    import platform
-    try: line = first(l for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name'))
-    except OSError: line = None
-    return line.split(':', 1)[1].strip() if line else platform.processor() or platform.machine()
-
-BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
-def native_bf16()->bool:
-    "Whether this CPU computes bf16 natively (one of `BF16_FLAGS`); elsewhere bf16 is emulated, slower than fp32"
-    return bool(cpu_flags() & set(BF16_FLAGS))
 
 @functools.cache
 def has_openvino()->bool:
@@ -183,11 +163,40 @@ class OnnxBackend:
     def __call__(self, xb:tuple): return self.model(*xb)
     def fresh(self, learn)->bool: return _weights_version(learn.model)==self.version
 
+def model_hash(model)->str:
+    "A hash of `model`'s weights, its structure and the forward code of its module classes (once per weights version)"
+    v,c = _weights_version(model),model.__dict__.get('_fi_hash')
+    if c is None or c[0]!=v:
+        h = hashlib.blake2b(repr(model).encode(), digest_size=16)
+        for t in {type(m) for m in model.modules()}:
+            f = getattr(t.forward, '__code__', None)
+            h.update(f'{t.__module__}.{t.__qualname__}'.encode() + (f.co_code + repr(f.co_consts).encode() if f else b''))
+        for k,t in model.state_dict().items():
+            h.update(k.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b'')
+        c = model.__dict__['_fi_hash'] = (v, h.hexdigest())
+    return c[1]
+
+def _shapes(xb)->list: return [(tuple(x.shape[1:]), str(x.dtype)) for x in xb]
+
+def _type_name(t)->str: return f'{t.__module__}.{t.__qualname__}'
+def _type_of(name:str):
+    mod,_,qual = name.rpartition('.')
+    return getattr(importlib.import_module(mod), qual)
+
 @patch
 def _fast_onnx(self:Learner, xb)->tuple:
-    "`onnx_export` of the learner's model (traced on `xb`), done once per weights: ONNX Runtime and OpenVINO build from the same bytes"
+    "`onnx_export` of the learner's model (traced on `xb`), done once per weights and kept in the disk cache: ONNX Runtime and OpenVINO build from the same bytes"
     v,c = _weights_version(self.model),self.__dict__.get('_fi_onnx')
-    if c is None or c[0]!=v: c = self._fi_onnx = (v, *onnx_export(self.model.eval().cpu(), xb))
+    if c is None or c[0]!=v:
+        key = cache_key('onnx', model_hash(self.model), _shapes(xb))
+        hit = cache_get('onnx', key)
+        try: res = (hit[0], _type_of(hit[1]['out_type'])) if hit else None
+        except (KeyError, ImportError, AttributeError): res = None
+        if res is None:
+            res = onnx_export(self.model.eval().cpu(), xb)
+            cache_put('onnx', key, res[0], dict(out_type=_type_name(res[1])))
+        c = self._fi_onnx = (v, *res)
     return c[1:]
 
 def is_onnx(model)->bool:
@@ -231,8 +240,8 @@ def fast_engine(self:Learner,
 
 @patch
 def fast_reset(self:Learner):
-    "Forget cached pipelines, backends (compiled graphs and ONNX sessions included) and backend choices"
-    self._fi_engines,self._fi_pipes,self._fi_choice,self._fi_compile_ok = {},None,{},{}
+    "Forget cached pipelines, backends (compiled graphs, the ONNX export and its sessions included) and backend choices, in memory (the disk cache stays)"
+    self._fi_engines,self._fi_pipes,self._fi_choice,self._fi_compile_ok,self._fi_onnx = {},None,{},{},None
     return self
 
 # %% ../nbs/05_engine.ipynb #2b7e4c19
@@ -256,6 +265,19 @@ def _emulated_bf16(precision, device)->bool: return precision=='bf16' and torch.
 def _bf16_missing()->str:
     return f"this CPU has no native bf16 (none of {', '.join(BF16_FLAGS)} in its flags), so bf16 would be emulated, slower than fp32"
 
+def _time(e, x, act, reps:int)->tuple:
+    "`(ms an item, activations)` of backend `e` on batch `x`: its one run if `reps` is 1, else the best of `reps-1` runs after one to warm up"
+    t = []
+    for i in range(reps):
+        t0 = time.perf_counter(); out = act(e(x)); t.append(time.perf_counter()-t0)
+    return min(t[1:] or t)*1e3/len(x[0]),out
+
+def pick_backend(ms:dict)->tuple:
+    "`(best, fastest fp32, fastest bf16)` of the candidates timed in `ms` (label → ms an item; bf16 labels end in 'bf16'): bf16 only if faster"
+    fp32 = min((k for k in ms if not k.endswith('bf16')), key=ms.get)
+    bf = min((k for k in ms if k.endswith('bf16')), key=ms.get, default=None)
+    return (bf if bf is not None and ms[bf] < ms[fp32] else fp32),fp32,bf
+
 @patch
 def _fast_measure(self:Learner, xb, precision, device, bs:int)->dict:
     "Time each candidate on `PROBE_N` rows of `xb` and check it against eager fp32: the choice and its figures"
@@ -268,13 +290,9 @@ def _fast_measure(self:Learner, xb, precision, device, bs:int)->dict:
         label = name if prec!='bf16' else f'{name} bf16'
         try:
             e = self.fast_engine(name, prec, device, bs, x)
-            with torch.inference_mode():
-                # eager fp32 torch has little to warm up, so its reference run is its timed run; the others are timed warm,
-                # the best of two runs (the first bf16 call builds its kernels)
-                t = []
-                for i in range(1 if (name,prec)==('torch',fp) else 3):
-                    t0 = time.perf_counter(); out = act(e(x)); t.append(time.perf_counter()-t0)
-            ms[label] = min(t[1:] or t)*1e3/len(x[0])
+            # eager fp32 torch has little to warm up, so its reference run is its timed run; the others are timed warm,
+            # the best of two runs (the first bf16 call builds its kernels)
+            with torch.inference_mode(): ms[label],out = _time(e, x, act, 1 if (name,prec)==('torch',fp) else 3)
         except Exception as err:
             dropped[label] = f'{type(err).__name__}: {str(err)[:300]}'
             self._fast_warn(f'backend {label!r} dropped for {type(self.model).__name__}: it failed to build or run ({dropped[label]})')
@@ -285,11 +303,9 @@ def _fast_measure(self:Learner, xb, precision, device, bs:int)->dict:
             del ms[label]
             dropped[label] = f'max |Δp| {dps[label]:.1e} against eager fp32 > {PARITY/PROBE_MARGIN:.0e}'
             self._fast_warn(f'backend {label!r} dropped: {dropped[label]} on the first batch')
-    fp32 = min((k for k in ms if not k.endswith('bf16')), key=ms.get)
-    best,bf = fp32,min((k for k in ms if k.endswith('bf16')), key=ms.get, default=None)
-    if bf is not None:
-        if ms[bf] < ms[fp32]: best = bf
-        else: self._fast_warn(f"precision='bf16' falls back to fp32 ({fp32}): bf16 measured slower on this CPU ({bf}: {ms[bf]:.1f} vs {ms[fp32]:.1f} ms an image)")
+    best,fp32,bf = pick_backend(ms)
+    if bf is not None and best==fp32:
+        self._fast_warn(f"precision='bf16' falls back to fp32 ({fp32}): bf16 measured slower on this CPU ({bf}: {ms[bf]:.1f} vs {ms[fp32]:.1f} ms an image)")
     return dict(backend=best.split()[0], precision='bf16' if best.endswith('bf16') else fp, ms_per_item=ms, max_dp=dps, dropped=dropped,
                 cpu=cpu_name(), version=_weights_version(self.model))
 
@@ -316,8 +332,22 @@ def fast_select(self:Learner,
     if device.type!='cpu': return self.fast_engine('torch', precision, device)
     choices,key = self.__dict__.setdefault('_fi_choice', {}),(precision, str(device), bs)
     c = choices.get(key)
-    if c is None or c['version']!=_weights_version(self.model): c = choices[key] = self._fast_measure(xb, precision, device, bs)
+    if c is None or c['version']!=_weights_version(self.model): c = choices[key] = self._fast_choice(xb, precision, device, bs)
     return self.fast_engine(c['backend'], c['precision'], device, bs, xb)
+
+@patch
+def _fast_choice(self:Learner, xb, precision, device, bs:int)->dict:
+    "The measured choice for batches like `xb`: from the disk cache, else measured now and kept there"
+    key = cache_key('choice', model_hash(self.model), _shapes(xb), bs, precision, str(device), torch_threads(), has_openvino())
+    hit = cache_get('choice', key)
+    if hit:
+        try:
+            c = json.loads(hit[0])
+            if c['backend'] in BACKENDS: return dict(c, version=_weights_version(self.model), cached=True)
+        except (ValueError, KeyError, TypeError): pass
+    c = self._fast_measure(xb, precision, device, bs)
+    cache_put('choice', key, json.dumps({k:v for k,v in c.items() if k!='version'}).encode())
+    return c
 
 @patch
 def fast_backend(self:Learner)->dict:

@@ -13,9 +13,9 @@ __all__ = ['load_model']
 
 # %% ../nbs/08b_predictor.ipynb #d0136341
 def load_model(fname, device=None, backend='auto', precision=None):
-    "A `Predictor` for `fname`: a fastinfer export (`.onnx` needs no torch), or a fastai `.pkl` (which runs pickled code when loaded)"
+    "A `Predictor` for `fname`: a fastinfer export (`.onnx` needs no torch, on `backend` 'onnxruntime' or 'openvino'), or a fastai `.pkl` (which runs pickled code when loaded)"
     if Path(fname).suffix in ('.onnx', '.pt', '.pt2'):
-        return load(fname, device=device or 'cpu')
+        return load(fname, device=device or 'cpu', backend=backend, precision=precision)
     from fastai.learner import load_learner
     from fastinfer.preds import LearnerPredictor
     from fastinfer.tabular import is_tabular, tab_predictor

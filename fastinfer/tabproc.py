@@ -34,9 +34,9 @@ def _scalar(v)->bool: return not isinstance(v, (list, tuple, np.ndarray)) and no
 class Table:
     "Rows as columns: a DataFrame, a `pd.Series` or dict (one row), a dict of columns, or a list of dict rows"
     def __init__(self, rows):
+        self.row = None  # one row (a Series or a dict of values) is kept as a dict, and its columns made on demand
         if _is_pd(rows, 'DataFrame'): self.cols,self.n = rows,len(rows)
-        elif _is_pd(rows, 'Series'): self.cols,self.n = {k: np.array([v], dtype=object) for k,v in rows.items()},1
-        elif isinstance(rows, dict) and all(_scalar(v) for v in rows.values()): self.cols,self.n = {k: np.array([v], dtype=object) for k,v in rows.items()},1
+        elif _is_pd(rows, 'Series') or (isinstance(rows, dict) and all(_scalar(v) for v in rows.values())): self.row,self.cols,self.n = dict(rows),None,1
         elif isinstance(rows, dict):
             self.cols = {k: v if _is_pd(v, 'Series') or isinstance(v, np.ndarray) else np.array(list(v), dtype=object) for k,v in rows.items()}
             ns = {len(v) for v in self.cols.values()}
@@ -50,10 +50,13 @@ class Table:
     def __len__(self): return self.n
     def col(self, name):
         "Column `name` (a pandas Series or a numpy array), or `None` if there is none"
+        if self.row is not None: return np.array([self.row[name]], dtype=object) if name in self.row else None
         if _is_pd(self.cols, 'DataFrame'): return self.cols[name] if name in self.cols.columns else None
         return self.cols.get(name)
     def slice(self, s:int, e:int)->Table:
+        if self.row is not None: return self if s==0 and e>0 else Table({})
         t = object.__new__(Table)
+        t.row = None
         t.cols = self.cols.iloc[s:e] if _is_pd(self.cols, 'DataFrame') else {k: v.iloc[s:e] if _is_pd(v, 'Series') else v[s:e] for k,v in self.cols.items()}
         t.n = max(0, min(e, self.n)-s)
         return t
@@ -121,6 +124,25 @@ class TabProcs:
         self.na_cols = {f'{c}_na': c for c in self.fill} if self.add_col else {}
         self.inputs = [c for c in self.cat_names if c not in self.na_cols] + list(self.cont_names)
         self.warned = set()
+        # the continuous procs as vectors, for one row at a time (`_conts_one`)
+        cn = self.cont_names
+        self.fill_v,self.has_fill = np.array([self.fill.get(c, np.nan) for c in cn], np.float64),np.array([c in self.fill for c in cn], bool)
+        self.mean_v,self.std_v = np.array([self.means.get(c, 0.) for c in cn], np.float64),np.array([self.stds.get(c, 1.) for c in cn], np.float64)
+
+    def _conts_one(self, row:dict):
+        "`(conts, flags)` of one dict row, computed as `encode` does column by column; `None` where the column pass must name a problem"
+        try: vals = [row[c] for c in self.cont_names]
+        except KeyError: return None
+        # numpy would parse the string '1.5': only numbers (and None, a missing value) take this path
+        if not all(v is None or (isinstance(v, numbers.Number) and not isinstance(v, complex)) for v in vals): return None
+        a = np.array(vals, dtype=np.float64)
+        miss = np.isnan(a)
+        if miss.any():
+            if self.fill_missing and (miss & ~self.has_fill).any(): return None
+            a = np.where(miss & self.has_fill, self.fill_v, a)
+        # x-0 and x/1 are exact: the columns without `Normalize` keep their values, as in the column pass
+        a = (a - self.mean_v)/self.std_v
+        return a.astype(np.float32)[None],{c: miss[i:i+1] for i,c in enumerate(self.cont_names) if c in self.fill}
 
     def _warn(self, msg):
         if msg not in self.warned: self.warned.add(msg); warnings.warn(f'fastinfer: {msg}', stacklevel=4)
@@ -129,7 +151,9 @@ class TabProcs:
         "`(cats, conts, bad)` of `rows` (anything `Table` takes): int64 and float32 arrays, and `{row: message}` of the rows that failed"
         t = rows if isinstance(rows, Table) else Table(rows)
         bad,conts,flags,n = {},[],{},len(t)
-        for c in self.cont_names:
+        one = self._conts_one(t.row) if t.row is not None and self.cont_names else None
+        if one is not None: conts,flags = one
+        for c in (self.cont_names if one is None else []):
             a = _floats(t.col(c), c, bad, off, n)
             miss = np.isnan(a)
             if c in self.fill:
@@ -143,7 +167,7 @@ class TabProcs:
         cats = [_codes(flags[self.na_cols[c]] if c in self.na_cols else t.col(c), self.classes[c], c, bad, off, n, self._warn) for c in self.cat_names]
         cats = np.stack(cats, 1) if cats else np.zeros((n, 0), np.int64)
         # column-major, as fastai's `tensor(df.values)` is: BatchNorm rounds a strided batch differently than a contiguous one
-        conts = np.stack(conts).astype(np.float32).T if conts else np.zeros((n, 0), np.float32)
+        if one is None: conts = np.stack(conts).astype(np.float32).T if conts else np.zeros((n, 0), np.float32)
         return cats,conts,bad
 
     def decode_row(self, cats, conts)->dict:

@@ -1,5 +1,8 @@
 "Shared fixtures: one tiny learner per task kind, built once per test session"
-import warnings, pytest
+import os, warnings, pytest
+# the on-disk model cache is off in tests (here and in the servers and CLIs they start), so each test measures and exports
+# for itself; tests/test_cache.py turns it on in a folder of its own
+os.environ['FASTINFER_CACHE'] = '0'
 from fastinfer.test_utils import KINDS, synth_learner
 
 warnings.filterwarnings('ignore', message='.*insecure pickle.*')

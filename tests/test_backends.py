@@ -13,8 +13,9 @@ def test_auto_choice_reported(single):
     res = learn.fast_get_preds(files, bs=16)[0]
     close(res, ref, eps=1e-5)
     c = learn.fast_backend()[(None, 'cpu', 16)]
-    assert c['backend'] in ('torch', 'onnxruntime') and set(c['ms_per_item'])=={'torch', 'onnxruntime'}
-    assert c["max_dp"]["onnxruntime"] <= engine.PARITY/engine.PROBE_MARGIN and c['dropped']=={}
+    cands = {'torch', 'onnxruntime'} | ({'openvino'} if has_openvino() else set())
+    assert c['backend'] in cands and set(c['ms_per_item'])==cands
+    assert all(c['max_dp'][k] <= engine.PARITY/engine.PROBE_MARGIN for k in cands) and c['dropped']=={}
     eq(c['backend'], min(c['ms_per_item'], key=c['ms_per_item'].get))  # the faster one
     close(learn.fast_get_preds(files, backend='onnxruntime')[0], ref, eps=1e-5)
     with pytest.raises(ValueError, match="backend='tensorrt': expected one of"): learn.fast_get_preds(files, backend='tensorrt')
@@ -66,6 +67,34 @@ def test_bf16_with_native_support(single, monkeypatch):
     eq(c['precision'], 'bf16' if fastest=='torch bf16' else None)
     close(res, learn.fast_get_preds(files, backend='torch')[0], eps=0.05)
     learn.fast_reset()
+
+@pytest.mark.parametrize('faster', ['bf16', 'fp32'])
+def test_bf16_choice_timings_mocked(single, monkeypatch, faster):
+    "native bf16 (mocked), every candidate timed by a mock: bf16 is kept only when it measures faster, else fp32 with the reason"
+    learn,files = single
+    learn.fast_reset()
+    ref = learn.fast_get_preds(files, bs=16, backend='torch')[0]
+    monkeypatch.setattr(engine, 'native_bf16', lambda: True)
+    bf = 0.5 if faster=='bf16' else 2.
+    fake = {('torch', None): 10., ('onnxruntime', None): 8., ('openvino', None): 7., ('torch', 'bf16'): 10*bf, ('openvino', 'bf16'): 7*bf}
+    monkeypatch.setattr(engine, '_time', lambda e, x, act, reps: (fake[(e.name, e.precision)], act(e(x))))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        res = learn.fast_get_preds(files, bs=16, precision='bf16')[0]
+    c = learn.fast_backend()[('bf16', 'cpu', 16)]
+    ms = c['ms_per_item']
+    assert 'torch bf16' in ms and ('openvino bf16' in ms or not has_openvino() or 'openvino bf16' in c['dropped'])
+    best = min(ms, key=ms.get) if faster=='bf16' else min((k for k in ms if 'bf16' not in k), key=ms.get)
+    eq((c['backend'], c['precision']), (best.split()[0], 'bf16' if faster=='bf16' else None))
+    fell_back = [str(o.message) for o in w if 'falls back to fp32' in str(o.message)]
+    if faster=='bf16': assert not fell_back; close(res, ref, eps=0.05)
+    else: assert fell_back and 'measured slower' in fell_back[0]; close(res, ref, eps=1e-5)
+    learn.fast_reset()
+
+def test_pick_backend():
+    eq(pick_backend({'torch': 3., 'onnxruntime': 2.}), ('onnxruntime', 'onnxruntime', None))
+    eq(pick_backend({'torch': 3., 'openvino': 2., 'torch bf16': 2.5, 'openvino bf16': 1.}), ('openvino bf16', 'openvino', 'openvino bf16'))
+    eq(pick_backend({'torch': 3., 'openvino': 2., 'openvino bf16': 2.}), ('openvino', 'openvino', 'openvino bf16'))
 
 def test_quantized_learner_runs_its_int8_model(single):
     learn,files = single

@@ -143,6 +143,19 @@ def test_serve_pkl_and_image_model_refuses_json(single, tmp_path_factory):
         r = post(s, '/predict', row).json()
         p,_,dec = learn.fast_get_preds(d.iloc[[0]], with_decoded=True, backend='torch')
         eq(r['label'], learn.dls.vocab[int(dec[0])]); assert abs(r['probability'] - p.max().item()) <= EPS
-    ilearn,_ = single
-    with ServerProcess(ilearn.export_onnx(tmp_path_factory.mktemp('img')/'m.onnx')) as s:
+    ilearn,files = single
+    with ServerProcess(ilearn.export_onnx(tmp_path_factory.mktemp('img')/'m.onnx'), '--backend', 'openvino') as s:
+        eq(httpx.get(s.url + '/ready').json()['backend'], 'openvino')
         r = post(s, '/predict', row); eq(r.status_code, 415); assert 'image model' in r.json()['error']
+        r = httpx.post(s.url + '/predict', content=files[0].read_bytes(), headers={'Content-Type': 'image/png'}, timeout=60).json()
+        lbl,_,probs = ilearn.fast_predict(files[0], backend='torch')
+        eq(r['label'], lbl); assert abs(r['probability'] - probs.max().item()) <= EPS
+
+def test_cli_openvino(tmp_path, tmp_path_factory):
+    "`--backend openvino` runs an `.onnx` export on OpenVINO: the rows ONNX Runtime writes"
+    learn,df,onnx,_ = tab('single', tmp_path_factory)
+    rows(df, 50).to_csv(tmp_path/'in.csv', index=False)
+    for b in ('onnxruntime', 'openvino'):
+        main(['predict', str(onnx), str(tmp_path/'in.csv'), '-o', str(tmp_path/f'{b}.csv'), '--on-error', 'skip', '--backend', b])
+    a,o = pd.read_csv(tmp_path/'onnxruntime.csv'),pd.read_csv(tmp_path/'openvino.csv')
+    eq(list(a.label.fillna('')), list(o.label.fillna(''))); assert np.nanmax(np.abs(a.probability - o.probability)) <= EPS

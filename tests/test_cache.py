@@ -1,0 +1,94 @@
+"The on-disk cache: a fresh process reuses the ONNX export and the measured choice; any change misses; corrupt entries are rebuilt; concurrent writers are safe"
+import os, subprocess, sys, warnings, pytest, torch
+import fastinfer.engine as engine
+from fastcore.test import test_eq as eq
+from fastinfer.all import *
+from fastinfer.cache import model_cache, cache_get
+
+@pytest.fixture
+def on(tmp_path, monkeypatch):
+    monkeypatch.setenv('FASTINFER_CACHE', str(tmp_path/'cache'))
+    return tmp_path/'cache'/'models'
+
+def entries(d, name): return sorted(f for f in d.glob(f'{name}-*')) if d.exists() else []
+
+def counted(monkeypatch):
+    "Count the ONNX exports and the probe's timed runs"
+    n = dict(export=0, time=0)
+    exp,tim = engine.onnx_export,engine._time
+    def export(*a, **kw): n['export'] += 1; return exp(*a, **kw)
+    def time_(*a, **kw): n['time'] += 1; return tim(*a, **kw)
+    monkeypatch.setattr(engine, 'onnx_export', export); monkeypatch.setattr(engine, '_time', time_)
+    return n
+
+def test_hit_and_miss(single, on, monkeypatch):
+    learn,files = single
+    learn.fast_reset()
+    n = counted(monkeypatch)
+    ref = learn.fast_get_preds(files, bs=16)[0]
+    assert n['export']==1 and n['time'] >= 2
+    eq(len(entries(on, 'onnx')), 1); eq(len(entries(on, 'choice')), 1)
+    # as a fresh process: nothing in memory, everything on disk
+    learn.fast_reset(); n.update(export=0, time=0)
+    eq(learn.fast_get_preds(files, bs=16)[0], ref)
+    c = learn.fast_backend()[(None, 'cpu', 16)]
+    assert c.get('cached') and n['time']==0 and n['export']==0
+    p = learn.fast_pipes
+    learn._fast_onnx(p.batch(p.collate([p.item(files[0])]*2), 'cpu')[:1])
+    eq(n['export'], 0)  # whichever backend was chosen, the export comes from the disk
+    # another batch size is another choice; changed weights miss both
+    learn.fast_get_preds(files, bs=8); eq(len(entries(on, 'choice')), 2)
+    w = next(learn.model.parameters())
+    try:
+        with torch.no_grad(): w.add_(1e-3)
+        learn.fast_reset(); n.update(export=0, time=0)
+        learn.fast_get_preds(files, bs=16)
+        assert n['export']==1 and n['time'] >= 2
+        eq(len(entries(on, 'onnx')), 2); eq(len(entries(on, 'choice')), 3)
+    finally:
+        with torch.no_grad(): w.sub_(1e-3)
+        learn.fast_reset()
+
+def test_corrupt_entry_rebuilt(single, on, monkeypatch):
+    learn,files = single
+    learn.fast_reset()
+    ref = learn.fast_get_preds(files, bs=16, backend='onnxruntime')[0]
+    f, = entries(on, 'onnx')
+    f.write_bytes(f.read_bytes()[:100])  # cut short
+    learn.fast_reset()
+    n = counted(monkeypatch)
+    with pytest.warns(UserWarning, match='is corrupt .*rebuilding it'): res = learn.fast_get_preds(files, bs=16, backend='onnxruntime')[0]
+    eq(res, ref); eq(n['export'], 1)
+    assert cache_get('onnx', f.name.split('-', 1)[1])  # rebuilt, and whole
+    learn.fast_reset()
+
+def test_off(single, tmp_path, monkeypatch):
+    monkeypatch.setenv('FASTINFER_CACHE', '0')
+    learn,files = single
+    learn.fast_reset()
+    learn.fast_get_preds(files[:8], bs=8)
+    assert model_cache() is None and not any(tmp_path.rglob('onnx-*'))
+    learn.fast_reset()
+
+def test_two_processes_at_once(single, on):
+    "Two fresh processes on one empty cache at once: both answer as fastai does, and leave whole entries"
+    learn,files = single
+    pkl = learn.path/'cache-single.pkl'
+    learn.export(pkl)
+    code = f"""
+import warnings, numpy as np
+warnings.simplefilter('error', UserWarning)  # a corrupt entry would warn
+warnings.filterwarnings('ignore', message='.*(insecure pickle|dropped|load_learner).*')
+from fastai.learner import load_learner
+import fastinfer
+learn = load_learner({str(pkl)!r})
+files = {[str(f) for f in files]!r}
+np.save(__import__('sys').argv[1], learn.fast_get_preds(files, bs=16)[0].numpy())
+"""
+    ps = [subprocess.Popen([sys.executable, '-c', code, str(on.parent/f'p{i}.npy')], stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in ps: assert p.wait(300)==0, p.stderr.read()[-3000:]
+    import numpy as np
+    ref = learn.fast_get_preds(files, bs=16, backend='torch')[0].numpy()
+    for i in range(2): assert np.abs(np.load(on.parent/f'p{i}.npy') - ref).max() <= 1e-5
+    for f in entries(on, 'onnx') + entries(on, 'choice'): assert cache_get(f.name.split('-')[0], f.name.split('-', 1)[1])
+    assert not list(on.glob('.*'))  # no temporary file left behind
