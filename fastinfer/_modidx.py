@@ -119,6 +119,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'fastinfer.engine._OutType.__init__': ('engine.html#_outtype.__init__', 'fastinfer/engine.py'),
                                   'fastinfer.engine._OutType.forward': ('engine.html#_outtype.forward', 'fastinfer/engine.py'),
                                   'fastinfer.engine._bf16_missing': ('engine.html#_bf16_missing', 'fastinfer/engine.py'),
+                                  'fastinfer.engine._code_sig': ('engine.html#_code_sig', 'fastinfer/engine.py'),
                                   'fastinfer.engine._emulated_bf16': ('engine.html#_emulated_bf16', 'fastinfer/engine.py'),
                                   'fastinfer.engine._no_compile': ('engine.html#_no_compile', 'fastinfer/engine.py'),
                                   'fastinfer.engine._plain': ('engine.html#_plain', 'fastinfer/engine.py'),

@@ -277,7 +277,7 @@ def _jsonrow(r)->dict: return {k: None if isinstance(v, float) and v!=v else v.i
 
 def bench_tab_surfaces(n_cli:int=1_000_000, chunk:int=100_000, n_fastai:int=2, n_serve:int=400, n_check:int=2000, n_ray:int=1_000_000, bad_frac:float=0.05)->list:
     "The tabular issue's surfaces on `tab_workload`, from one `.onnx` export: the CLI over a CSV against fastai over the same chunks, `fastinfer serve` with JSON rows, Ray Data over Parquet"
-    import resource, subprocess, sys, tempfile, httpx
+    import subprocess, sys, tempfile, httpx
     from concurrent.futures import ThreadPoolExecutor
     from fastinfer.runtime import load
     from fastinfer.serve import ServerProcess
@@ -289,14 +289,17 @@ def bench_tab_surfaces(n_cli:int=1_000_000, chunk:int=100_000, n_fastai:int=2, n
     # the CLI in a fresh process (its start included), against fastai's get_preds over `n_fastai` chunks of the same file
     X.iloc[:n_cli].to_csv(d/'rows.csv', index_label='id')
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, '-c', 'from fastinfer.cli import main; main()', 'predict', str(fn), str(d/'rows.csv'), '-o', str(d/'out.csv'),
+    code = 'import resource, sys\nfrom fastinfer.cli import main\nmain()\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)'
+    r = subprocess.run([sys.executable, '-c', code, 'predict', str(fn), str(d/'rows.csv'), '-o', str(d/'out.csv'),
                         '--id-col', 'id', '--chunk', str(chunk)], capture_output=True, text=True)
     t_cli = time.perf_counter()-t0
     if r.returncode: raise RuntimeError(r.stderr[-2000:])
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024
+    rss = int(r.stdout.split()[-1])/1024  # the CLI's own peak
     t_fa,n_fa = 0.,0
+    # the categorical columns read as text, as they were in training (the CLI reads them so from the learner's classes)
+    text = {c: str for c in learn.fast_tab.cat_names if not c.endswith('_na')}
     with learn.no_bar():
-        for i,c in enumerate(pd.read_csv(d/'rows.csv', chunksize=chunk, index_col='id')):
+        for i,c in enumerate(pd.read_csv(d/'rows.csv', chunksize=chunk, index_col='id', dtype=text)):
             if i==n_fastai: break
             t,ref = _time(lambda: learn.get_preds(dl=learn.dls.test_dl(c))[0]); t_fa += t; n_fa += len(c)
             if i==0: first = ref
@@ -312,13 +315,15 @@ def bench_tab_surfaces(n_cli:int=1_000_000, chunk:int=100_000, n_fastai:int=2, n
     rows.append(dict(name='fastai predict(row), serially', rows_s=len(sample)/t))
     p,js = load(fn),[_jsonrow(X.iloc[i]) for i in range(n_check)]
     want = [p.predict(j) for j in js]
+    import gc
+    gc.collect(); gc.freeze()  # this process holds the whole table: its collector's pauses are the harness's, not the server's
     with ServerProcess(fn) as s, httpx.Client(timeout=60, limits=httpx.Limits(max_connections=64)) as c:
         def post(i, bad=False):
             t0 = time.perf_counter()
             r = c.post(s.url + '/predict', json=dict(js[i], x0='abc') if bad else js[i])
             return i,bad,r,time.perf_counter()-t0
         with ThreadPoolExecutor(8) as ex:
-            list(ex.map(post, range(16)))
+            list(ex.map(post, range(64)))  # every batch size once, and the connections open
             t0 = time.perf_counter(); res = list(ex.map(post, range(n_serve))); dt = time.perf_counter()-t0
         lat = np.array([o[3] for o in res])*1e3
         rows.append(dict(name='fastinfer serve t.onnx, JSON rows, concurrency 8', rows_s=n_serve/dt, speedup=(n_serve/dt)/rows[-1]['rows_s'],
@@ -329,6 +334,7 @@ def bench_tab_surfaces(n_cli:int=1_000_000, chunk:int=100_000, n_fastai:int=2, n
             if b: return r.status_code==400 and "column 'x0'" in r.json()['error']
             return r.status_code==200 and r.json()['label']==want[i][0] and abs(r.json()['probability']-float(want[i][2].max())) <= 1e-5
         rows.append(dict(name=f'{n_check} JSON rows at concurrency 32, {bad.sum()} of them bad: wrong or lost replies', wrong=sum(not right(*o[:3]) for o in res)))
+    gc.unfreeze()
     # Ray Data over Parquet: 1 actor against 2, one thread each
     try: import ray
     except ImportError: return rows

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05b_cache.ipynb #ff4dd768
 from __future__ import annotations
-import hashlib, json, os, tempfile, warnings
+import functools, hashlib, json, os, tempfile, warnings
 from pathlib import Path
 
 # %% auto #0
@@ -24,6 +24,7 @@ def model_cache()->Path|None:
 # %% ../nbs/05b_cache.ipynb #211ef570
 _VERSIONED = ('fastinfer', 'torch', 'onnx', 'onnxruntime', 'openvino', 'fastai')
 
+@functools.cache
 def lib_versions()->dict:
     "The versions of the libraries a cached entry depends on (`None` where one is not installed)"
     from importlib.metadata import version, PackageNotFoundError

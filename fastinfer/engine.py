@@ -163,14 +163,18 @@ class OnnxBackend:
     def __call__(self, xb:tuple): return self.model(*xb)
     def fresh(self, learn)->bool: return _weights_version(learn.model)==self.version
 
+def _code_sig(co)->bytes:
+    "The bytecode and constants of code object `co`, nested code included: the same in every process (a nested code object's repr holds its address)"
+    return co.co_code + b''.join(_code_sig(c) if hasattr(c, 'co_code') else repr(c).encode() for c in co.co_consts)
+
 def model_hash(model)->str:
     "A hash of `model`'s weights, its structure and the forward code of its module classes (once per weights version)"
     v,c = _weights_version(model),model.__dict__.get('_fi_hash')
     if c is None or c[0]!=v:
         h = hashlib.blake2b(repr(model).encode(), digest_size=16)
-        for t in {type(m) for m in model.modules()}:
+        for t in sorted({type(m) for m in model.modules()}, key=_type_name):  # a set of types iterates in address order
             f = getattr(t.forward, '__code__', None)
-            h.update(f'{t.__module__}.{t.__qualname__}'.encode() + (f.co_code + repr(f.co_consts).encode() if f else b''))
+            h.update(f'{t.__module__}.{t.__qualname__}'.encode() + (_code_sig(f) if f else b''))
         for k,t in model.state_dict().items():
             h.update(k.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
             h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b'')
@@ -291,8 +295,8 @@ def _fast_measure(self:Learner, xb, precision, device, bs:int)->dict:
         try:
             e = self.fast_engine(name, prec, device, bs, x)
             # eager fp32 torch has little to warm up, so its reference run is its timed run; the others are timed warm,
-            # the best of two runs (the first bf16 call builds its kernels)
-            with torch.inference_mode(): ms[label],out = _time(e, x, act, 1 if (name,prec)==('torch',fp) else 3)
+            # bf16 ones the best of two runs (their first call builds kernels, and they are compared with fp32 on speed alone)
+            with torch.inference_mode(): ms[label],out = _time(e, x, act, 1 if (name,prec)==('torch',fp) else 3 if prec=='bf16' else 2)
         except Exception as err:
             dropped[label] = f'{type(err).__name__}: {str(err)[:300]}'
             self._fast_warn(f'backend {label!r} dropped for {type(self.model).__name__}: it failed to build or run ({dropped[label]})')

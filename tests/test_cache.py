@@ -84,11 +84,17 @@ import fastinfer
 learn = load_learner({str(pkl)!r})
 files = {[str(f) for f in files]!r}
 np.save(__import__('sys').argv[1], learn.fast_get_preds(files, bs=16)[0].numpy())
+print(bool(next(iter(learn.fast_backend().values())).get('cached')))
 """
-    ps = [subprocess.Popen([sys.executable, '-c', code, str(on.parent/f'p{i}.npy')], stderr=subprocess.PIPE, text=True) for i in range(2)]
+    run = lambda i: subprocess.Popen([sys.executable, '-c', code, str(on.parent/f'p{i}.npy')], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ps = [run(i) for i in range(2)]
     for p in ps: assert p.wait(300)==0, p.stderr.read()[-3000:]
+    # a third process finds what they left: the keys are the same in every process
+    p = run(2)
+    assert p.wait(300)==0, p.stderr.read()[-3000:]
+    eq(p.stdout.read().split()[-1], 'True')
     import numpy as np
     ref = learn.fast_get_preds(files, bs=16, backend='torch')[0].numpy()
-    for i in range(2): assert np.abs(np.load(on.parent/f'p{i}.npy') - ref).max() <= 1e-5
+    for i in range(3): assert np.abs(np.load(on.parent/f'p{i}.npy') - ref).max() <= 1e-5
     for f in entries(on, 'onnx') + entries(on, 'choice'): assert cache_get(f.name.split('-')[0], f.name.split('-', 1)[1])
     assert not list(on.glob('.*'))  # no temporary file left behind
