@@ -289,12 +289,13 @@ def bench_tab_surfaces(n_cli:int=1_000_000, chunk:int=100_000, n_fastai:int=2, n
     # the CLI in a fresh process (its start included), against fastai's get_preds over `n_fastai` chunks of the same file
     X.iloc[:n_cli].to_csv(d/'rows.csv', index_label='id')
     t0 = time.perf_counter()
-    code = 'import resource, sys\nfrom fastinfer.cli import main\nmain()\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)'
+    # the CLI's own peak: `VmHWM` (getrusage's maxrss keeps, across exec, the peak of this process that forked it)
+    code = "from fastinfer.cli import main\nmain()\nprint(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])"
     r = subprocess.run([sys.executable, '-c', code, 'predict', str(fn), str(d/'rows.csv'), '-o', str(d/'out.csv'),
                         '--id-col', 'id', '--chunk', str(chunk)], capture_output=True, text=True)
     t_cli = time.perf_counter()-t0
     if r.returncode: raise RuntimeError(r.stderr[-2000:])
-    rss = int(r.stdout.split()[-1])/1024  # the CLI's own peak
+    rss = int(r.stdout.split()[-1])/1024
     t_fa,n_fa = 0.,0
     # the categorical columns read as text, as they were in training (the CLI reads them so from the learner's classes)
     text = {c: str for c in learn.fast_tab.cat_names if not c.endswith('_na')}
