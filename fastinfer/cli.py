@@ -201,11 +201,12 @@ def _predict_ray_table(args, src, out):
     from fastinfer.distributed import ray_predict
     if not ray.is_initialized(): ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
     ds = ray.data.read_csv(str(src)) if src.suffix.lower()=='.csv' else ray.data.read_parquet(str(src))
+    n = ds.count() if src.suffix.lower()!='.csv' else None  # Parquet says from its metadata; a CSV would be read twice
     ds = ray_predict(ds, args.model, bs=args.bs or 4096, actors=args.actors, topk=args.topk, keep=[args.id_col] if args.id_col else (),
                      backend=args.backend, precision=args.precision)
     if out.suffix.lower()=='.csv': ds.write_csv(str(out))
     else: ds.write_parquet(str(out))
-    print(f'wrote {ds.count()} rows to {out}', file=sys.stderr)
+    print(f"wrote {'the' if n is None else f'{n:,}'} rows of {src} to {out}", file=sys.stderr)
 
 def _predict_ray(args, items, out):
     "`fastinfer predict --ray`: the same rows, computed by Ray Data actors, written as Parquet (or CSV by suffix)"

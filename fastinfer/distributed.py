@@ -53,8 +53,6 @@ class PredictRows:
         self.p,self.topk,self.keep = load(model, threads=threads, backend=backend, precision=precision),topk,list(keep)
 
     def __call__(self, df):
-        miss = [k for k in self.keep if k not in df.columns]
-        if miss: raise ValueError(f'the dataset has no column {miss[0]!r} to keep')
         out = self.p.frame(df, max(len(df), 1), 'skip', 0, self.topk, self.keep)
         # a row's place in a Ray batch means nothing to the user: its `keep` columns name it
         out['error'] = out['error'].map(row_msg)
@@ -74,7 +72,7 @@ def ray_resources(cpus:float, actors:int=None, cpus_per_actor:float=None, thread
 # %% ../nbs/13_distributed.ipynb #d1e00009
 def ray_predict(items, # Paths or URIs every worker can read, or a `ray.data.Dataset` with an `item` (or `path`) column
     model, # A fastinfer export: `.onnx` (preferred: no torch on the workers), `.pt` or `.pt2`
-    bs:int=64, # Items per model call
+    bs:int=None, # Items per model call (default: 64 images, 4,096 table rows)
     actors:int=None, # Model actors; default: one per CPU Ray reports
     cpus_per_actor:float=None, # CPU each actor asks for; default: what leaves one CPU to reading
     threads_per_actor:int=None, # ONNX Runtime threads per actor; default: the CPUs per actor, at least 1
@@ -96,12 +94,14 @@ def ray_predict(items, # Paths or URIs every worker can read, or a `ray.data.Dat
     rt = dict(backend=backend, precision=precision)
     if getattr(load(model, **rt), 'kind', None)=='tabular':  # read here too: a bad file (or engine) fails once, in the driver
         if not isinstance(items, ray.data.Dataset): items = ray.data.from_pandas(items) if type(items).__name__=='DataFrame' else ray.data.from_items(list(items))
-        return items.map_batches(PredictRows, fn_constructor_kwargs=dict(model=model, threads=threads, topk=max(topk, 1), keep=keep, **rt), batch_size=bs,
+        miss = [k for k in keep if k not in items.columns()]
+        if miss: raise ValueError(f'the dataset has no column {miss[0]!r} to keep; it has {items.columns()}')
+        return items.map_batches(PredictRows, fn_constructor_kwargs=dict(model=model, threads=threads, topk=max(topk, 1), keep=keep, **rt), batch_size=bs or 4096,
                                  compute=ActorPoolStrategy(size=actors), num_cpus=cpa, batch_format='pandas')
     if isinstance(items, ray.data.Dataset):
         ds = items if 'item' in items.columns() else items.rename_columns({'path': 'item'})
     else: ds = ray.data.from_items([{'item': str(o)} for o in items])
-    return ds.map_batches(Predict, fn_constructor_kwargs=dict(model=model, threads=threads, topk=topk, **rt), batch_size=bs,
+    return ds.map_batches(Predict, fn_constructor_kwargs=dict(model=model, threads=threads, topk=topk, **rt), batch_size=bs or 64,
                           compute=ActorPoolStrategy(size=actors), num_cpus=cpa, batch_format='numpy')
 
 # %% ../nbs/13_distributed.ipynb #d1e0000c

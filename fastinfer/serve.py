@@ -145,7 +145,7 @@ def _metrics():
         queue=Gauge('fastinfer_queue_depth', 'Requests waiting for the model', registry=r),
         errors=Counter('fastinfer_errors', 'Failed requests by status', ['status'], registry=r))
 
-def app(model, # A `Predictor`, or a path: `.onnx`/`.pt`/`.pt2` export, or fastai `.pkl`
+def app(model, # A `Predictor` (or `TabularPredictor`), or a path: `.onnx`/`.pt`/`.pt2` export, or fastai `.pkl`
         max_batch:int=8, # Requests run together at most
         max_wait_ms:float=5, # How long a request may wait for others to batch with
         max_queue:int=64, # Requests waiting at most; past it, 503 with `Retry-After`
@@ -173,7 +173,7 @@ def app(model, # A `Predictor`, or a path: `.onnx`/`.pt`/`.pt2` export, or fasta
     async def lifespan(_):
         from fastinfer.predictor import load_model
         loop = asyncio.get_running_loop()
-        st['p'] = model if isinstance(model, Predictor) else await loop.run_in_executor(None, load_model, model, None, backend, precision)
+        st['p'] = model if isinstance(model, (Predictor, TabularPredictor)) else await loop.run_in_executor(None, load_model, model, None, backend, precision)
         batcher.start()
         p = st['p']
         if isinstance(p, TabularPredictor): sample = decode_row(p, p.example_row())
@@ -262,6 +262,7 @@ def app(model, # A `Predictor`, or a path: `.onnx`/`.pt`/`.pt2` export, or fasta
         return await answer(sample, size, topk)
 
     async def inputs(request, batch:bool)->list:
+        "The request's inputs: JSON rows for a tabular model, image bodies for the others"
         if not st['ready']: raise HTTPError(503, 'the model is still loading', {'Retry-After': '1'})
         if isinstance(st['p'], TabularPredictor): return await rows(request, batch)
         return await files(request, 'files' if batch else 'file')
