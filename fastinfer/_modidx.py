@@ -24,6 +24,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'fastinfer.bench.bench_table': ('bench.html#bench_table', 'fastinfer/bench.py'),
                                  'fastinfer.bench.bench_tabular': ('bench.html#bench_tabular', 'fastinfer/bench.py'),
                                  'fastinfer.bench.benchmark_archs': ('bench.html#benchmark_archs', 'fastinfer/bench.py'),
+                                 'fastinfer.bench.ceiling': ('bench.html#ceiling', 'fastinfer/bench.py'),
                                  'fastinfer.bench.cpu_line': ('bench.html#cpu_line', 'fastinfer/bench.py'),
                                  'fastinfer.bench.tab_workload': ('bench.html#tab_workload', 'fastinfer/bench.py')},
             'fastinfer.cache': { 'fastinfer.cache._warn': ('cache.html#_warn', 'fastinfer/cache.py'),

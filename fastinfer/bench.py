@@ -16,7 +16,7 @@ from .cache import cache_dir
 from .runtime import cpu_flags, cpu_name, native_bf16
 
 # %% auto #0
-__all__ = ['bench_corpus', 'bench_learner', 'bench', 'cpu_line', 'bench_e2e', 'bench_first_call', 'benchmark_archs',
+__all__ = ['bench_corpus', 'bench_learner', 'ceiling', 'bench', 'cpu_line', 'bench_e2e', 'bench_first_call', 'benchmark_archs',
            'archs_table', 'archs_plot', 'bench_table', 'bench_plot', 'bench_tab_surfaces', 'bench_serve',
            'tab_workload', 'bench_tabular']
 
@@ -79,6 +79,14 @@ def _forward_only(learn, items, bs, backend='torch', precision=None):
         for xb in bs_: eng(xb)
     return time.perf_counter()-t0
 
+def ceiling(learn, items, bs:int=64, onnx:bool=True)->float:
+    "Seconds an image at best on this CPU: the fastest faithful fp32 engine's forward (bs `bs`, batches decoded beforehand), plus decoding and the item pipeline on one core spread over all of them"
+    fwd = min(_forward_only(learn, items, bs, b) for b in ['torch'] + (['onnxruntime'] + (['openvino'] if has_openvino() else []) if onnx else []))
+    pipes = learn.fast_pipes
+    t0 = time.perf_counter()
+    for o in items: pipes.item(o)
+    return fwd/len(items) + (time.perf_counter()-t0)/len(items)/defaults.cpus
+
 # %% ../nbs/06_bench.ipynb #da2a6a69
 def _time(f, *args):
     t0 = time.perf_counter(); r = f(*args)
@@ -136,6 +144,9 @@ def _bench(learn, items, bs, n_rep, n_predict, compile, onnx, big, exports, int8
     res = _measure(fs, items, n_rep)
     for r in res:
         if r['name'] in modes: r['efficiency'] = _forward_only(learn, items, bs, *modes[r['name']])/(len(items)/r['img_s'])
+    ceil = ceiling(learn, items, bs, onnx)
+    for r in res:
+        if r['name'].startswith('fastinfer'): r['vs_ceiling'] = ceil*r['img_s']
     res += _predict_rows(learn, items[:n_predict], compile) + _thread_rows(learn, items[:n_predict])
     if big: res += _measure({f'fastai get_preds, {len(big)} photos 3000×2000': fa, 'fastinfer default, 3000×2000': fi(),
                              'fastinfer default + fast_decode, 3000×2000': fi(fast_decode=True)}, big, n_rep)
@@ -256,8 +267,8 @@ def archs_plot(rows, fname):
 def bench_table(rows:list)->str:
     "`rows` of `bench` as a markdown table"
     cols = [('name',''), ('img_s','img/s'), ('rows_s','rows/s'), ('p50_ms','p50 ms'), ('p95_ms','p95 ms'), ('p99_ms','p99 ms'), ('errors','errors'), ('wrong','wrong/lost'), ('rows','rows'), ('exact','exactly the bad ones'), ('rss_mb','MB'), ('speedup','vs fastai'), ('max_dp','max \\|Δp\\|'),
-            ('top1','top-1 agree'), ('efficiency','efficiency'), ('warmup_s','first call s'), ('s','s'), ('ratio','vs fastai predict')]
-    fmt = dict(rows_s='{:,.0f}', s='{:.3f}', ratio='{:.3f}x', img_s='{:.1f}', p50_ms='{:.3g}', p95_ms='{:.1f}', p99_ms='{:.1f}', rss_mb='{:.1f}', speedup='{:.2f}x', max_dp='{:.1e}', top1='{:.1%}', efficiency='{:.2f}', warmup_s='{:.1f}')
+            ('top1','top-1 agree'), ('efficiency','efficiency'), ('vs_ceiling','vs ceiling'), ('warmup_s','first call s'), ('s','s'), ('ratio','vs fastai predict')]
+    fmt = dict(rows_s='{:,.0f}', s='{:.3f}', ratio='{:.3f}x', img_s='{:.1f}', p50_ms='{:.3g}', p95_ms='{:.1f}', p99_ms='{:.1f}', rss_mb='{:.1f}', speedup='{:.2f}x', max_dp='{:.1e}', top1='{:.1%}', efficiency='{:.2f}', vs_ceiling='{:.2f}', warmup_s='{:.1f}')
     cols = [(c,h) for c,h in cols if c=='name' or any(c in r for r in rows)]  # only the columns these rows fill
     lines = ['| ' + ' | '.join(h for _,h in cols) + ' |', '|' + '---|'*len(cols)]
     for r in rows: lines.append('| ' + ' | '.join(fmt.get(c,'{}').format(r[c]) if c in r else '' for c,_ in cols) + ' |')
