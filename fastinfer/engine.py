@@ -17,7 +17,7 @@ from fastai.learner import _cast_tensor
 # %% auto #0
 __all__ = ['PRECISIONS', 'PROBE_N', 'PARITY', 'PROBE_MARGIN', 'COMPILE_S', 'check_precision', 'autocast_dtype', 'has_openvino',
            'Forward', 'TorchBackend', 'onnx_export', 'onnx_bytes', 'ort_threads', 'torch_threads', 'OnnxBackend',
-           'model_hash', 'is_onnx', 'OrtModule', 'max_dp', 'pick_backend', 'should_compile']
+           'model_hash', 'is_onnx', 'OrtModule', 'max_dp', 'pick_backend', 'Int8OpenVino', 'should_compile']
 
 # %% ../nbs/05_engine.ipynb #9383a372
 PRECISIONS = (None, 'fp32', 'bf16', 'fp16')
@@ -239,7 +239,8 @@ def fast_engine(self:Learner,
     cache = self.__dict__.setdefault('_fi_engines', {})
     e = cache.get(key)
     if e is None or not e.fresh(self):
-        e = cache[key] = OnnxBackend(self, xb, backend, precision) if backend in FILE_BACKENDS else TorchBackend(self, precision, device, backend=='compile', bs)
+        if is_onnx(self.model) and backend=='openvino': e = cache[key] = Int8OpenVino(self)
+        else: e = cache[key] = OnnxBackend(self, xb, backend, precision) if backend in FILE_BACKENDS else TorchBackend(self, precision, device, backend=='compile', bs)
     return e
 
 @patch
@@ -327,8 +328,8 @@ def fast_select(self:Learner,
     check_precision(precision, device)
     # every path runs the model as fastai's `predict` does: in eval mode (a `.pkl` may hold it in training mode)
     if self.model.training: self.model.eval()
-    # a quantized learner's model is an ONNX Runtime int8 session already
-    if is_onnx(self.model): return self.fast_engine('torch', None, device)
+    # a quantized learner's model is an ONNX Runtime int8 session already: OpenVINO may run the same graph
+    if is_onnx(self.model): return self._fast_int8(xb, backend, device, bs)
     if _emulated_bf16(precision, device):
         self._fast_warn(f"precision='bf16' falls back to fp32: {_bf16_missing()}")
         precision = None
@@ -338,6 +339,38 @@ def fast_select(self:Learner,
     c = choices.get(key)
     if c is None or c['version']!=_weights_version(self.model): c = choices[key] = self._fast_choice(xb, precision, device, bs)
     return self.fast_engine(c['backend'], c['precision'], device, bs, xb)
+
+class Int8OpenVino:
+    "A quantized learner's int8 ONNX graph (QDQ) run by OpenVINO instead of its own ONNX Runtime session"
+    name,precision,ort = 'openvino',None,True
+    def __init__(self, learn:Learner):
+        m = learn.model
+        self.version,self.model = _weights_version(m),OrtModule(m.onnx, m.out_type, m.model_name, runtime='openvino')
+    def __call__(self, xb:tuple): return self.model(*xb)
+    def fresh(self, learn)->bool: return _weights_version(learn.model)==self.version
+
+@patch
+def _fast_int8(self:Learner, xb, backend, device, bs:int):
+    "A quantized learner's engine: its own ONNX Runtime int8 session (what fastai runs), or OpenVINO on the same graph if forced, or if 'auto' measures it faster and as close as its probe asks of any backend"
+    own = self.fast_engine('torch', None, device)
+    if backend=='openvino': return self.fast_engine('openvino', None, device)
+    if backend!='auto' or not has_openvino() or xb is None: return own
+    choices,key = self.__dict__.setdefault('_fi_choice', {}),('int8', str(device), bs)
+    c = choices.get(key)
+    if c is None or c['version']!=_weights_version(self.model):
+        x,ms,dps,dropped = tuple(o[:PROBE_N] for o in xb),{},{},{}
+        with torch.inference_mode():
+            ms['onnxruntime'],ref = _time(own, x, noop, 2)
+            try:
+                ms['openvino'],out = _time(self.fast_engine('openvino', None, device), x, noop, 2)
+                dps['openvino'] = max_dp(out, ref)
+                if dps['openvino'] > PARITY/PROBE_MARGIN:
+                    del ms['openvino']; dropped['openvino'] = f'max |Δp| {dps["openvino"]:.1e} against ONNX Runtime int8 > {PARITY/PROBE_MARGIN:.0e}'
+            except Exception as err: ms.pop('openvino', None); dropped['openvino'] = f'{type(err).__name__}: {str(err)[:300]}'
+        for k,m in dropped.items(): self._fast_warn(f'backend {k!r} dropped for the int8 model: {m}')
+        c = choices[key] = dict(backend=min(ms, key=ms.get), precision='int8', ms_per_item=ms, max_dp=dps, dropped=dropped, cpu=cpu_name(),
+                                version=_weights_version(self.model))
+    return self.fast_engine('openvino', None, device) if c['backend']=='openvino' else own
 
 @patch
 def _fast_choice(self:Learner, xb, precision, device, bs:int)->dict:

@@ -96,11 +96,28 @@ def test_pick_backend():
     eq(pick_backend({'torch': 3., 'openvino': 2., 'torch bf16': 2.5, 'openvino bf16': 1.}), ('openvino bf16', 'openvino', 'openvino bf16'))
     eq(pick_backend({'torch': 3., 'openvino': 2., 'openvino bf16': 2.}), ('openvino', 'openvino', 'openvino bf16'))
 
-def test_quantized_learner_runs_its_int8_model(single):
+def test_quantized_learner_runs_its_int8_model(single, monkeypatch):
+    "an int8 learner runs its own ONNX Runtime session (what fastai runs), unless OpenVINO on the same graph is forced, or measured faster and as close"
     learn,files = single
     ql = learn.quantize(files[:16], n_batches=1, bs=16)
     assert isinstance(ql.model, OrtModule)
-    eq(ql.fast_select(None).name, 'torch')  # the OrtModule runs ONNX Runtime itself: nothing to choose
+    eq(ql.fast_select(None).name, 'torch')  # the OrtModule runs ONNX Runtime itself
+    own = ql.fast_get_preds(files, bs=16, backend='torch')[0]
+    with ql.no_bar(): close(ql.get_preds(dl=ql.dls.test_dl(files, bs=16))[0], own, eps=1e-6)
+    if not has_openvino(): return
+    ov = ql.fast_get_preds(files, bs=16, backend='openvino')[0]
+    assert max_dp(ov, own) <= 0.05 and (ov.argmax(1)==own.argmax(1)).float().mean() >= 0.9
+    close(ql.fast_get_preds(files, bs=16)[0], own, eps=1e-5)  # 'auto': fastai's int8 answers
+    c = ql.fast_backend()[('int8', 'cpu', 16)]
+    if 'openvino' in c['dropped']: assert 'against ONNX Runtime int8' in c['dropped']['openvino'] and c['backend']=='onnxruntime'
+    # as close (mocked), the faster one is kept, both ways
+    monkeypatch.setattr(engine, 'max_dp', lambda a, b: 0.)
+    for faster in ('openvino', 'onnxruntime'):
+        ql.fast_reset()
+        monkeypatch.setattr(engine, '_time', lambda e, x, act, reps: (1. if (e.name=='openvino')==(faster=='openvino') else 2., act(e(x))))
+        res = ql.fast_get_preds(files, bs=16)[0]
+        eq(ql.fast_backend()[('int8', 'cpu', 16)]['backend'], faster)
+        close(res, ov if faster=='openvino' else own, eps=1e-6)
 
 def test_one_torch_thread_while_ort_runs(single, monkeypatch):
     "torch runs on one thread around ONNX Runtime batches, all its threads around torch ones, and gets its count back, also after concurrent calls"
