@@ -64,6 +64,7 @@ def test_corrupt_entry_rebuilt(single, on, monkeypatch):
 
 def test_off(single, tmp_path, monkeypatch):
     monkeypatch.setenv('FASTINFER_CACHE', '0')
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))  # where the default folder would be, were '0' ignored
     learn,files = single
     learn.fast_reset()
     learn.fast_get_preds(files[:8], bs=8)
