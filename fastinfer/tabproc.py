@@ -56,8 +56,11 @@ class Table:
         if _is_pd(self.cols, 'DataFrame'): return self.cols[name] if name in self.cols.columns else None
         return self.cols.get(name)
     def slice(self, s:int, e:int)->Table:
-        if self.row is not None: return self if s==0 and e>0 else Table({})
         t = object.__new__(Table)
+        if self.row is not None:
+            if s==0 and e>0: return self
+            t.row,t.cols,t.n = None,{},0
+            return t
         t.row = None
         t.cols = self.cols.iloc[s:e] if _is_pd(self.cols, 'DataFrame') else {k: v.iloc[s:e] if _is_pd(v, 'Series') else v[s:e] for k,v in self.cols.items()}
         t.n = max(0, min(e, self.n)-s)
