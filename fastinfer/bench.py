@@ -445,7 +445,7 @@ def bench_tabular(n:int=100_000, n_lat:int=30, wide:int=3000)->list:
         learn.fast_predict(sample[0]); learn.predict(sample[0])
         p_fa,p_fi = _p50(learn.predict, sample),_p50(learn.fast_predict, sample)
         fn = learn.export_onnx(Path(tempfile.mkdtemp())/'t.onnx', example_items=X.iloc[:64])
-        p = load(fn); dicts = [{k: (None if isinstance(v, float) and v!=v else v) for k,v in dict(r).items()} for r in sample]
+        p = load(fn); dicts = [_jsonrow(r) for r in sample]
         p.predict(dicts[0])
         p_rt = _p50(p.predict, dicts)
         rows += [dict(name='fastai predict(row), p50', p50_ms=p_fa*1e3),

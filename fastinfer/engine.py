@@ -392,6 +392,12 @@ def fast_backend(self:Learner)->dict:
     return {k: {n:v for n,v in c.items() if n!='version'} for k,c in self.__dict__.get('_fi_choice', {}).items()}
 
 @patch
+def _fast_chosen(self:Learner, backend:str)->str:
+    "The engine calls with `backend` run: `backend` itself, or what 'auto' chose (its first choice)"
+    c = first(self.fast_backend().values())
+    return c['backend'] if backend=='auto' and c else backend
+
+@patch
 def _fast_ort(self:Learner, backend:str, precision, device, bs:int)->bool:
     "Whether a call's batches will run on ONNX Runtime, as far as is known before its first batch"
     if is_onnx(self.model) or backend in FILE_BACKENDS: return True

@@ -358,9 +358,7 @@ class LearnerPredictor(Predictor):
         self.pipes = learn.fast_pipes
 
     @property
-    def backend(self)->str:
-        c = first(self.learn.fast_backend().values())
-        return c['backend'] if self.backend_arg=='auto' and c else self.backend_arg
+    def backend(self)->str: return self.learn._fast_chosen(self.backend_arg)
 
     def prep(self, x): return self.pipes.item(x)
 

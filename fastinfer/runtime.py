@@ -8,7 +8,7 @@ import base64, functools, io, json, math, os, threading, warnings
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
-from .tabproc import TabularPredictor, check_tab_spec, _nan_rows
+from .tabproc import Outputs, TabularPredictor, check_tab_spec, _nan_rows
 
 # %% auto #0
 __all__ = ['FORMAT', 'VERSION', 'SPEC_FILE', 'BACKENDS', 'FILE_BACKENDS', 'BF16_FLAGS', 'ORT_SPIN', 'crop_pad', 'resize',
@@ -287,14 +287,11 @@ def open_image(x, mode:str):
     img.load()
     return img._new(img.im).convert(mode)
 
-class Predictor:
+class Predictor(Outputs):
     "An exported `model` (a backend: uint8 NCHW batch in, activations out) with its `spec`: items in, decoded predictions out"
     def __init__(self, model, spec:dict):
         self.model,self.spec = model,check_spec(spec)
         self.vocab,self.task,self.mode = spec['vocab'],spec['task'],spec['input']['mode']
-
-    @property
-    def backend(self)->str: return self.model.name
 
     def prep(self, x)->np.ndarray:
         "Item `x` as a CHW uint8 array, through the validation item pipeline"
@@ -331,15 +328,7 @@ class Predictor:
 
     def get_preds(self, items, bs:int=64, on_error:str='raise')->tuple:
         "`(probs, decoded)` for `items`, `bs` at a time; with `on_error='skip'` also a list of `(index, item, message)`"
-        _,probs,dec,errors = zip(*self.iter_preds(list(items), bs, on_error))
-        res = np.concatenate(probs),np.concatenate(dec)
-        return res + ([e for es in errors for e in es],) if on_error=='skip' else res
-
-    def label(self, dec):
-        "The label of one decoded row `dec`: its class name(s) for classifiers, else the decoded values as lists"
-        if self.task=='single': return self.vocab[int(dec)]
-        if self.task=='multi': return [v for v,b in zip(self.vocab, dec.tolist()) if b]
-        return dec.tolist()
+        return self._gather(self.iter_preds(list(items), bs, on_error), on_error)
 
     def predict(self, item)->tuple:
         "`(label, decoded, probs)` for one item, as `Learner.predict` orders them"

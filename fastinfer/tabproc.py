@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['TAB_TASKS', 'TABLE_EXTS', 'RowError', 'row_msg', 'Table', 'TabProcs', 'check_tab_spec', 'TabularPredictor',
+__all__ = ['TAB_TASKS', 'TABLE_EXTS', 'RowError', 'row_msg', 'Table', 'TabProcs', 'check_tab_spec', 'Outputs', 'TabularPredictor',
            'read_table', 'TableWriter']
 
 # %% ../nbs/08c_tabproc.ipynb #7199ef04
@@ -214,16 +214,30 @@ def _nan_rows(x, n:int, good):
     out[good] = x
     return out
 
-class TabularPredictor:
+class Outputs:
+    "What every predictor does with `model` and its `iter_preds`: name its engine, gather its batches, and label a decoded row"
+    @property
+    def backend(self)->str: return self.model.name
+
+    def _gather(self, batches, on_error:str)->tuple:
+        "`(probs, decoded)` of `iter_preds` `batches`; with `on_error='skip'` also the list of errors"
+        _,probs,dec,errors = zip(*batches)
+        res = np.concatenate(probs),np.concatenate(dec)
+        return res + ([e for es in errors for e in es],) if on_error=='skip' else res
+
+    def label(self, dec):
+        "The label of one decoded row `dec`: its class name(s) for classifiers, else the decoded values as lists"
+        if self.task=='single': return self.vocab[int(dec)]
+        if self.task=='multi': return [v for v,b in zip(self.vocab, dec.tolist()) if b]
+        return dec.tolist()
+
+class TabularPredictor(Outputs):
     "An exported tabular `model` (`x_cat` int64 and `x_cont` float32 in, activations out) with its `spec`: rows in, decoded predictions out"
     kind = 'tabular'
     def __init__(self, model, spec:dict):
         self.model,self.spec = model,check_tab_spec(spec)
         self.procs,self.task,self.vocab = TabProcs(spec),spec['task'],spec['vocab']
         self.columns,self.y_names = self.procs.inputs,spec['y_names']
-
-    @property
-    def backend(self)->str: return self.model.name
 
     def encode(self, rows, off:int=0)->tuple: return self.procs.encode(rows, off)
 
@@ -275,15 +289,7 @@ class TabularPredictor:
 
     def get_preds(self, rows, bs:int=4096, on_error:str='raise')->tuple:
         "`(probs, decoded)` for `rows`; with `on_error='skip'` also a list of `(row, message)`"
-        _,probs,dec,errors = zip(*self.iter_preds(rows, bs, on_error))
-        res = np.concatenate(probs),np.concatenate(dec)
-        return res + ([e for es in errors for e in es],) if on_error=='skip' else res
-
-    def label(self, dec):
-        "The label of one decoded row `dec`: the class, the list of labels, or the values"
-        if self.task=='single': return self.vocab[int(dec)]
-        if self.task=='multi': return [v for v,b in zip(self.vocab, dec.tolist()) if b]
-        return dec.tolist()
+        return self._gather(self.iter_preds(rows, bs, on_error), on_error)
 
     def predict(self, row)->tuple:
         "`(label, decoded, probs)` for one row (a dict of column → value, or a `pd.Series`)"

@@ -203,9 +203,7 @@ class LearnerTabModel:
         learn.model.eval()  # as fastai's `predict` runs it, whatever mode the `.pkl` saved it in
 
     @property
-    def name(self)->str:
-        c = first(self.learn.fast_backend().values())
-        return c['backend'] if self.backend=='auto' and c else self.backend
+    def name(self)->str: return self.learn._fast_chosen(self.backend)
 
     def named(self, x_cat, x_cont)->np.ndarray:
         learn,n = self.learn,len(x_cat)
