@@ -3,14 +3,16 @@ import os, subprocess, sys, warnings, pytest, torch
 import fastinfer.engine as engine
 from fastcore.test import test_eq as eq
 from fastinfer.all import *
-from fastinfer.cache import model_cache, cache_get
+from fastinfer.cache import model_cache, cache_get, cache_flush
 
 @pytest.fixture
 def on(tmp_path, monkeypatch):
     monkeypatch.setenv('FASTINFER_CACHE', str(tmp_path/'cache'))
     return tmp_path/'cache'/'models'
 
-def entries(d, name): return sorted(f for f in d.glob(f'{name}-*')) if d.exists() else []
+def entries(d, name):
+    cache_flush()  # the export is written in the background
+    return sorted(f for f in d.glob(f'{name}-*')) if d.exists() else []
 
 def counted(monkeypatch):
     "Count the ONNX exports and the probe's timed runs"
