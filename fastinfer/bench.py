@@ -92,6 +92,15 @@ def _time(f, *args):
     t0 = time.perf_counter(); r = f(*args)
     return time.perf_counter()-t0,r
 
+def _latencies(fs:dict, n:int, pause:float=0.1)->dict:
+    "Seconds of each call `f(items[i])`, `i` below `n`, for `k: (f, items)` in `fs`: the contenders interleaved call by call, each after a `pause`"
+    # interleaved, a shared VM's drift bills every contender alike (run one after the other, fastai's `predict` p50 moved 48-64 ms
+    # between runs on the Zen 3); the pause lets threads left spinning by the previous call (either library's) go idle
+    ts = {k: [] for k in fs}
+    for i in range(n):
+        for k,(f,items) in fs.items(): time.sleep(pause); ts[k].append(_time(f, items[i])[0])
+    return ts
+
 def _measure(fs:dict, items, n_rep:int)->list:
     "Warm each of `fs` up, time `n_rep` interleaved rounds over `items`; measures against the first of `fs`"
     warm,times,preds = {},{k: [] for k in fs},{}
@@ -169,17 +178,13 @@ def _thread_rows(learn, items, threads=(1, 8))->list:
 
 def _predict_rows(learn, items, compile=True, pause:float=0.1)->list:
     "Single-item latency, p50 and p95 over `items`: fastai `predict` against `fast_predict`, each call after a `pause` (s)"
-    def lat(f):
-        f(items[0]); ts = []
-        # the pause lets threads left spinning by the previous call (either library's) go idle, so they bill no one
-        for o in items: time.sleep(pause); ts.append(_time(f, o)[0])
-        return np.percentile(ts, 50)*1e3,np.percentile(ts, 95)*1e3
     def fa(o):
         with learn.no_bar(): return learn.predict(o)
     fs = {'fastai predict': fa, 'fastinfer fast_predict': lambda o: learn.fast_predict(o),
           'fastinfer fast_predict backend=torch': lambda o: learn.fast_predict(o, backend='torch'),
           'fastinfer fast_predict bf16': lambda o: learn.fast_predict(o, precision='bf16')}
-    res = {k: lat(f) for k,f in fs.items()}
+    for f in fs.values(): f(items[0])
+    res = {k: (np.percentile(t, 50)*1e3,np.percentile(t, 95)*1e3) for k,t in _latencies({k: (f, items) for k,f in fs.items()}, len(items), pause).items()}
     p50 = res['fastai predict'][0]
     ref = torch.stack([fa(o)[2] for o in items[:8]])
     out = []
@@ -418,13 +423,6 @@ def _tab_bench_learner(df, layers=(200, 100)):
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
     return learn
 
-def _p50(f, items, pause:float=0.05)->float:
-    "Median latency of `f` over `items`, each call after a short pause (so no library's spinning threads bill the next)"
-    ts = []
-    for o in items:
-        time.sleep(pause); t0 = time.perf_counter(); f(o); ts.append(time.perf_counter()-t0)
-    return float(np.median(ts))
-
 def bench_tabular(n:int=100_000, n_lat:int=30, wide:int=3000)->list:
     "fastai against fastinfer on a tabular learner: `n` rows, one row, the torch-free runtime, and a table of `wide` continuous columns"
     import tempfile
@@ -442,12 +440,11 @@ def bench_tabular(n:int=100_000, n_lat:int=30, wide:int=3000)->list:
             rows.append(dict(name=f"fast_get_preds(df), {n:,} rows, backend={b!r}", s=t, speedup=t_fa/t, max_dp=(res-ref).abs().max().item()))
         rows.insert(0, dict(name=f'fastai get_preds(dl=test_dl(df)), {n:,} rows', s=t_fa))
         sample = [X.iloc[i] for i in range(n_lat)]
-        learn.fast_predict(sample[0]); learn.predict(sample[0])
-        p_fa,p_fi = _p50(learn.predict, sample),_p50(learn.fast_predict, sample)
         fn = learn.export_onnx(Path(tempfile.mkdtemp())/'t.onnx', example_items=X.iloc[:64])
         p = load(fn); dicts = [_jsonrow(r) for r in sample]
-        p.predict(dicts[0])
-        p_rt = _p50(p.predict, dicts)
+        learn.fast_predict(sample[0]); learn.predict(sample[0]); p.predict(dicts[0])
+        ts = _latencies(dict(fa=(learn.predict, sample), fi=(learn.fast_predict, sample), rt=(p.predict, dicts)), n_lat, 0.05)
+        p_fa,p_fi,p_rt = (float(np.median(ts[k])) for k in ('fa', 'fi', 'rt'))
         rows += [dict(name='fastai predict(row), p50', p50_ms=p_fa*1e3),
                  dict(name='fast_predict(row), p50', p50_ms=p_fi*1e3, ratio=p_fi/p_fa),
                  dict(name="runtime.load('t.onnx').predict(dict_row), p50", p50_ms=p_rt*1e3, ratio=p_rt/p_fa)]
@@ -457,7 +454,8 @@ def bench_tabular(n:int=100_000, n_lat:int=30, wide:int=3000)->list:
         wx = W.drop(columns='y'); ws = [wx.iloc[i] for i in range(5)]
         with wl.no_bar():
             wl.fast_predict(ws[0]); wl.predict(ws[0])
-            a,b = _p50(wl.predict, ws),_p50(wl.fast_predict, ws)
+            ts = _latencies(dict(fa=(wl.predict, ws), fi=(wl.fast_predict, ws)), len(ws), 0.05)
+            a,b = (float(np.median(ts[k])) for k in ('fa', 'fi'))
         rows += [dict(name=f'fastai predict(row), {wide:,} continuous columns, p50', p50_ms=a*1e3),
                  dict(name=f'fast_predict(row), {wide:,} continuous columns, p50', p50_ms=b*1e3, ratio=b/a)]
     return rows

@@ -94,7 +94,7 @@ def _bench(args):
     from fastinfer.bench import cpu_line
     print(f"{len(items)} images, {'resnet18 at %d px (random init)' % args.size if not args.learner else args.learner}, bs {args.bs}, "
           f"{defaults.cpus} CPU threads, torch {__import__('torch').__version__}\nCPU: {cpu_line()}\n"
-          f"backend='auto' chose: {first(learn.fast_backend().values()) or 'n/a'}\n")
+          + ''.join(f"backend='auto' chose at bs {bs}{' ' + p if p else ''}: {c}\n" for (p,_,bs),c in learn.fast_backend().items()))
     print(bench_table(rows))
     if args.json: Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.csv:

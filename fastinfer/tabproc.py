@@ -94,8 +94,10 @@ def _floats(col, name:str, bad:dict, off:int, n:int)->np.ndarray:
         else: bad.setdefault(off+i, f'row {off+i}: column {name!r} is continuous, and {v!r} is not a number'); out[i] = np.nan
     return out
 
-def _codes(col, classes:list, name:str, bad:dict, off:int, n:int, warn)->np.ndarray:
-    "Column `col` encoded as fastai's `Categorify` does: the index in `classes`, 0 (`#na#`) for a missing or unseen value"
+def _lut(classes:list)->dict: return {v: i for i,v in enumerate(classes) if i}
+
+def _codes(col, classes:list, name:str, bad:dict, off:int, n:int, warn, lut:dict=None)->np.ndarray:
+    "Column `col` encoded as fastai's `Categorify` does: the index in `classes` (`lut` maps a class to it), 0 (`#na#`) for a missing or unseen value"
     pd = _pd()
     if col is None: _missing(n, name, bad, off); return np.zeros(n, np.int64)
     if _is_pd(col, 'Series'):
@@ -106,8 +108,7 @@ def _codes(col, classes:list, name:str, bad:dict, off:int, n:int, warn)->np.ndar
                      "fastai encodes it by its own codes, and so does fastinfer; convert it with .astype(object) to encode it by value")
             return col.cat.codes.to_numpy().astype(np.int64) + 1
         return pd.Categorical(col, categories=classes[1:]).codes.astype(np.int64) + 1
-    a = np.asarray(col)
-    lut = {v: i for i,v in enumerate(classes) if i}
+    a,lut = np.asarray(col),lut or _lut(classes)
     if a.dtype==bool: return np.where(a, lut.get(True, 0), lut.get(False, 0)).astype(np.int64)
     out = np.zeros(len(a), np.int64)
     for i,v in enumerate(a):
@@ -128,7 +129,7 @@ class TabProcs:
         # the `<col>_na` columns `FillMissing` adds to the categorical ones are computed, not read
         self.na_cols = {f'{c}_na': c for c in self.fill} if self.add_col else {}
         self.inputs = [c for c in self.cat_names if c not in self.na_cols] + list(self.cont_names)
-        self.warned = set()
+        self.warned,self.luts = set(),{c: _lut(v) for c,v in self.classes.items()}  # a table of classes per call cost a one-row call more than the model
         # the continuous procs as vectors, for one row at a time (`_conts_one`)
         cn = self.cont_names
         self.fill_v,self.has_fill = np.array([self.fill.get(c, np.nan) for c in cn], np.float64),np.array([c in self.fill for c in cn], bool)
@@ -169,7 +170,7 @@ class TabProcs:
                                                               'and had none in training, so the learner has no fill value for it')
             if c in self.means: a = (a - np.float64(self.means[c])) / np.float64(self.stds[c])
             conts.append(a)
-        cats = [_codes(flags[self.na_cols[c]] if c in self.na_cols else t.col(c), self.classes[c], c, bad, off, n, self._warn) for c in self.cat_names]
+        cats = [_codes(flags[self.na_cols[c]] if c in self.na_cols else t.col(c), self.classes[c], c, bad, off, n, self._warn, self.luts.get(c)) for c in self.cat_names]
         cats = np.stack(cats, 1) if cats else np.zeros((n, 0), np.int64)
         # column-major, as fastai's `tensor(df.values)` is: BatchNorm rounds a strided batch differently than a contiguous one
         if one is None: conts = np.stack(conts).astype(np.float32).T if conts else np.zeros((n, 0), np.float32)

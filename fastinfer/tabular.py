@@ -109,7 +109,8 @@ def _fast_tab_iter(self:Learner, rows, bs:int=4096, device=None, precision=None,
         good,out = [i for i in range(n) if off+s+i not in bad],None
         if good:
             if len(good)<len(cats): cats,conts = cats[good],np.asfortranarray(conts[good])
-            xb = to_device((torch.from_numpy(cats), torch.from_numpy(conts)), device)
+            xb = (torch.from_numpy(cats), torch.from_numpy(conts))
+            if device.type!='cpu': xb = to_device(xb, device)
             with torch.inference_mode(), ort_threads(ort):
                 if eng is None: eng = self.fast_select(xb, backend, precision, device, bs)
                 out,ort = to_float(eng(xb)).cpu(),eng.ort
@@ -172,8 +173,11 @@ def _fast_tab_predict(self:Learner, row, device=None, precision=None, backend='a
     elif task=='multi': d[y[0]] = self._tab_full(dec)[0]
     else: d.update(dict(zip(y, dec[0].tolist())))
     # one block of object columns: pandas' per-column dtype inference took a third of the call (24 ms at 3,000 columns)
-    a = np.empty((1, len(d)), dtype=object); a[0,:] = list(d.values())
-    return pd.DataFrame(a, columns=list(d), dtype=object, copy=False),dec[0],probs[0]
+    a,names,cols = np.empty((1, len(d)), dtype=object),tuple(d),self.__dict__.get('_fi_row_cols')
+    a[0,:] = list(d.values())
+    # and the column labels an Index made once (an Index is immutable): pandas 3 builds one of Arrow strings from a list each call
+    if cols is None or cols[0]!=names: cols = self._fi_row_cols = (names, pd.Index(names))
+    return pd.DataFrame(a, columns=cols[1], dtype=object, copy=False),dec[0],probs[0]
 
 # %% ../nbs/05a_tabular.ipynb #e0c3c89f
 def _chunks(rows):
