@@ -103,7 +103,7 @@ def _fast_tab_iter(self:Learner, rows, bs:int=4096, device=None, precision=None,
     if on_error not in ('raise', 'skip'): raise ValueError(f"on_error={on_error!r}: expected 'raise' or 'skip'")
     procs,device,t = self.fast_tab,learner_device(self, device),Table(rows)
     if not len(t): raise ValueError('`rows` is empty: there is nothing to predict')
-    eng,ort = None,self._fast_ort(backend, precision, device, bs)
+    eng = None
     for s,c,x,bad in _tab_batches(procs, t, bs, off, on_error):
         cats,conts,n = c,x,len(c)
         good,out = [i for i in range(n) if off+s+i not in bad],None
@@ -111,9 +111,10 @@ def _fast_tab_iter(self:Learner, rows, bs:int=4096, device=None, precision=None,
             if len(good)<len(cats): cats,conts = cats[good],np.asfortranarray(conts[good])
             xb = (torch.from_numpy(cats), torch.from_numpy(conts))
             if device.type!='cpu': xb = to_device(xb, device)
-            with torch.inference_mode(), ort_threads(ort):
+            with torch.inference_mode():
+                # chosen first, so a probe times eager torch on all its threads; the procs run in numpy, outside `ort_threads`
                 if eng is None: eng = self.fast_select(xb, backend, precision, device, bs)
-                out,ort = to_float(eng(xb)).cpu(),eng.ort
+                with ort_threads(eng.ort): out = to_float(eng(xb)).cpu()
         yield s,n,good,(c,x),out,bad
 
 @patch
