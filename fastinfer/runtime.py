@@ -145,7 +145,8 @@ def cpu_count()->int:
 
 # ONNX Runtime's threads spin after each run by default. Measured on a Zen 3 (resnet18, 2 threads): spinning made its own
 # bs-1 runs no faster (33 vs 29-31 ms) and bs 64 no faster (24.3 vs 24.1 ms an image), but the torch forward right
-# after it took 103 ms instead of 50: the user's other code, and fastinfer's decode thread, pay for the spin
+# after it took 103 ms instead of 50: the user's other code, and fastinfer's decode thread, pay for the spin. Spinning
+# within a run but not after it (`session.force_spinning_stop`) was no faster either: bs 1 26.2 vs 26.6 ms, bs 64 23.1 vs 23.1
 ORT_SPIN = False
 
 class OrtModel:
