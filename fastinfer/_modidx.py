@@ -28,6 +28,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'fastinfer.bench.cpu_line': ('bench.html#cpu_line', 'fastinfer/bench.py'),
                                  'fastinfer.bench.tab_workload': ('bench.html#tab_workload', 'fastinfer/bench.py')},
             'fastinfer.cache': { 'fastinfer.cache._warn': ('cache.html#_warn', 'fastinfer/cache.py'),
+                                 'fastinfer.cache._write': ('cache.html#_write', 'fastinfer/cache.py'),
                                  'fastinfer.cache.cache_dir': ('cache.html#cache_dir', 'fastinfer/cache.py'),
                                  'fastinfer.cache.cache_flush': ('cache.html#cache_flush', 'fastinfer/cache.py'),
                                  'fastinfer.cache.cache_get': ('cache.html#cache_get', 'fastinfer/cache.py'),

@@ -51,15 +51,8 @@ def cache_flush():
 def _warn(msg):
     if msg not in _warned: _warned.add(msg); warnings.warn(f'fastinfer: {msg}', stacklevel=3)
 
-def cache_put(name:str, key:str, data:bytes, meta:dict=None, wait:bool=True)->Path|None:
-    "Store `data` (and the JSON-able `meta`) as entry `name` `key`, atomically; `None` if the cache is off or cannot be written"
-    d = model_cache()
-    if d is None: return None
-    if not wait:
-        # writing a 46 MB export took 0.19 s of a first call (Zen 3): a thread the interpreter waits for at exit does it
-        t = _pending[d/f'{name}-{key}'] = threading.Thread(target=cache_put, args=(name, key, data, meta), name='fastinfer-cache-put')
-        t.start()
-        return d/f'{name}-{key}'
+def _write(d:Path, name:str, key:str, data:bytes, meta:dict=None)->Path|None:
+    "Write entry `name` `key` in folder `d`: to a temporary file, then renamed"
     head = json.dumps(dict(meta or {}, sha256=hashlib.sha256(data).hexdigest(), size=len(data))).encode()
     try:
         d.mkdir(parents=True, exist_ok=True)
@@ -70,6 +63,17 @@ def cache_put(name:str, key:str, data:bytes, meta:dict=None, wait:bool=True)->Pa
     except OSError as e:
         _warn(f'cannot write the model cache in {d} ({e}); set FASTINFER_CACHE to a writable folder, or 0 to turn it off')
         return None
+
+def cache_put(name:str, key:str, data:bytes, meta:dict=None, wait:bool=True)->Path|None:
+    "Store `data` (and the JSON-able `meta`) as entry `name` `key`, atomically (if not `wait`, in a thread); `None` if the cache is off or cannot be written"
+    d = model_cache()
+    if d is None: return None
+    if wait: return _write(d, name, key, data, meta)
+    # writing a 46 MB export took 0.19 s of a first call (Zen 3): a thread the interpreter waits for at exit does it, in the
+    # folder of the time of the call
+    t = _pending[d/f'{name}-{key}'] = threading.Thread(target=_write, args=(d, name, key, data, meta), name='fastinfer-cache-put')
+    t.start()
+    return d/f'{name}-{key}'
 
 def cache_get(name:str, key:str)->tuple|None:
     "`(data, meta)` of entry `name` `key`, or `None` if there is none; an entry that does not read back is removed, with one warning"
