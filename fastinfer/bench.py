@@ -138,6 +138,8 @@ def _bench(learn, items, bs, n_rep, n_predict, compile, onnx, big, exports, int8
         for be in (backends if prec is None else ['auto'] + ((['torch'] + (['openvino'] if has_openvino() else [])) if native_bf16() else [])):
             k = f"fastinfer {'default' if be=='auto' else 'backend=' + be}{' bf16' if prec else ''}"
             fs[k],modes[k] = fi(prec, be),(be, prec)
+    # where bf16 falls back to fp32, what it would cost in accuracy on a CPU that has it (the same rounding; emulated, so slow)
+    if not native_bf16(): fs['bf16 arithmetic, emulated here (accuracy only: torch autocast)'] = lambda items: bf16_preds(learn, items, bs)
     if int8:
         ql = learn.quantize(items[:128], bs=bs)
         def q8(items):
