@@ -369,6 +369,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'fastinfer.tabproc.row_msg': ('tabproc.html#row_msg', 'fastinfer/tabproc.py')},
             'fastinfer.tabular': { 'fastinfer.tabular.Learner._export_tab_onnx': ( 'tabular.html#learner._export_tab_onnx',
                                                                                    'fastinfer/tabular.py'),
+                                   'fastinfer.tabular.Learner._fast_tab_forward': ( 'tabular.html#learner._fast_tab_forward',
+                                                                                    'fastinfer/tabular.py'),
                                    'fastinfer.tabular.Learner._fast_tab_iter': ( 'tabular.html#learner._fast_tab_iter',
                                                                                  'fastinfer/tabular.py'),
                                    'fastinfer.tabular.Learner._fast_tab_iter_preds': ( 'tabular.html#learner._fast_tab_iter_preds',

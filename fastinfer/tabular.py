@@ -103,19 +103,23 @@ def _fast_tab_iter(self:Learner, rows, bs:int=4096, device=None, precision=None,
     if on_error not in ('raise', 'skip'): raise ValueError(f"on_error={on_error!r}: expected 'raise' or 'skip'")
     procs,device,t = self.fast_tab,learner_device(self, device),Table(rows)
     if not len(t): raise ValueError('`rows` is empty: there is nothing to predict')
-    eng = None
     for s,c,x,bad in _tab_batches(procs, t, bs, off, on_error):
         cats,conts,n = c,x,len(c)
         good,out = [i for i in range(n) if off+s+i not in bad],None
         if good:
             if len(good)<len(cats): cats,conts = cats[good],np.asfortranarray(conts[good])
-            xb = (torch.from_numpy(cats), torch.from_numpy(conts))
-            if device.type!='cpu': xb = to_device(xb, device)
-            with torch.inference_mode():
-                # chosen first, so a probe times eager torch on all its threads; the procs run in numpy, outside `ort_threads`
-                if eng is None: eng = self.fast_select(xb, backend, precision, device, bs)
-                with ort_threads(eng.ort): out = to_float(eng(xb)).cpu()
+            out = self._fast_tab_forward(cats, conts, backend, precision, device, bs)
         yield s,n,good,(c,x),out,bad
+
+@patch
+def _fast_tab_forward(self:Learner, cats, conts, backend, precision, device, bs:int, act=noop):
+    "`act` of the model's raw fp32 outputs (CPU) for the encoded arrays `cats`, `conts`, on the engine `fast_select` gives"
+    xb = (torch.from_numpy(cats), torch.from_numpy(conts))
+    if device.type!='cpu': xb = to_device(xb, device)
+    with torch.inference_mode():
+        # chosen first, so a probe times eager torch on all its threads; the procs run in numpy, outside `ort_threads`
+        eng = self.fast_select(xb, backend, precision, device, bs)
+        with ort_threads(eng.ort): return to_float(act(eng(xb))).cpu()
 
 @patch
 def _tab_width(self:Learner)->tuple:
@@ -211,10 +215,8 @@ class LearnerTabModel:
     def name(self)->str: return self.learn._fast_chosen(self.backend)
 
     def named(self, x_cat, x_cont)->np.ndarray:
-        learn,n = self.learn,len(x_cat)
-        xb = to_device((torch.from_numpy(np.ascontiguousarray(x_cat)), torch.from_numpy(np.asarray(x_cont, dtype=np.float32))), self.device)
-        with torch.inference_mode(), ort_threads(learn._fast_ort(self.backend, self.precision, self.device, n)):
-            return to_float(self.act(learn.fast_select(xb, self.backend, self.precision, self.device, n)(xb))).cpu().numpy()
+        return self.learn._fast_tab_forward(np.ascontiguousarray(x_cat), np.asarray(x_cont, dtype=np.float32), self.backend, self.precision,
+                                            self.device, len(x_cat), self.act).numpy()
 
 def tab_predictor(learn:Learner, backend:str='auto', precision=None, device=None)->TabularPredictor:
     "A tabular learner as the runtime's `TabularPredictor`, so the CLI, `fastinfer serve` and Ray treat a `.pkl` as its `.onnx` export"
