@@ -233,7 +233,7 @@ def app(model, # A `Predictor` (or `TabularPredictor`), or a path: `.onnx`/`.pt`
         raise HTTPError(415, f'unsupported content type {ct!r}: send image bytes (image/* or application/octet-stream) or multipart/form-data')
 
     async def rows(request, batch:bool)->list:
-        "The JSON rows of a request to a tabular model: one object, or (`batch`) a list of them"
+        "The JSON rows of a request to a tabular model: one (`decode_row` checks it is an object), or (`batch`) a list of them"
         ct = request.headers.get('content-type', '').split(';')[0].strip().lower()
         data = await body(request)
         if ct!='application/json':
@@ -242,7 +242,6 @@ def app(model, # A `Predictor` (or `TabularPredictor`), or a path: `.onnx`/`.pt`
         try: o = json.loads(data)
         except ValueError as e: raise HTTPError(400, f'the body is not valid JSON: {e}') from None
         if batch and not isinstance(o, list): raise HTTPError(400, f'expected a JSON list of objects (column → value), not {type(o).__name__}')
-        if not batch and not isinstance(o, dict): raise HTTPError(400, f'expected a JSON object of column → value, not {type(o).__name__}')
         return o if batch else [o]
 
     async def answer(sample, size, topk:int)->dict:

@@ -117,7 +117,7 @@ def test_serve_json_rows(kind, tmp_path_factory):
         # every error its status
         eq(post(s, '/predict', body(0)).status_code, 401)
         r = post(s, '/predict', {k:v for k,v in body(0).items() if k!='x3'}, headers=h); eq(r.status_code, 400); assert "column 'x3' is missing" in r.json()['error']
-        eq(post(s, '/predict', [body(0)], headers=h).status_code, 400)
+        r = post(s, '/predict', [body(0)], headers=h); eq(r.status_code, 400); assert 'expected a JSON object' in r.json()['error']
         eq(post(s, '/predict_batch', body(0), headers=h).status_code, 400)
         r = post(s, '/predict', {**body(0), 'x1': [1, 2]}, headers=h); eq(r.status_code, 400); assert "'x1'" in r.json()['error']
         r = httpx.post(s.url + '/predict', content=b'{"x0": ', headers={**h, 'Content-Type': 'application/json'}); eq(r.status_code, 400)
