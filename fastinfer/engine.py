@@ -11,7 +11,7 @@ from fastai.basics import *
 from copy import deepcopy
 from .core import learner_device
 from .cache import cache_key, cache_get, cache_put
-from .runtime import rt_model, cpu_count, BACKENDS, FILE_BACKENDS, cpu_flags, cpu_name, BF16_FLAGS, native_bf16
+from .runtime import rt_model, cpu_count, BACKENDS, FILE_BACKENDS, cpu_flags, cpu_name, BF16_FLAGS, native_bf16, bf16_missing
 from fastai.callback.fp16 import MixedPrecision, AMPMode
 from fastai.learner import _cast_tensor
 
@@ -268,9 +268,6 @@ def _fast_warn(self:Learner, msg:str):
 
 def _emulated_bf16(precision, device)->bool: return precision=='bf16' and torch.device(device).type=='cpu' and not native_bf16()
 
-def _bf16_missing()->str:
-    return f"this CPU has no native bf16 (none of {', '.join(BF16_FLAGS)} in its flags), so bf16 would be emulated, slower than fp32"
-
 def _time(e, x, act, reps:int)->tuple:
     "`(ms an item, activations)` of backend `e` on batch `x`: its one run if `reps` is 1, else the best of `reps-1` runs after one on two rows to warm up"
     # warming up on two rows rather than all of them timed the same (ONNX Runtime, OpenVINO; Zen 3) and saved 0.13 s each
@@ -345,7 +342,7 @@ def fast_select(self:Learner,
     # a quantized learner's model is an ONNX Runtime int8 session already: OpenVINO may run the same graph
     if is_onnx(self.model): return self._fast_int8(xb, backend, device, bs)
     if _emulated_bf16(precision, device):
-        self._fast_warn(f"precision='bf16' falls back to fp32: {_bf16_missing()}")
+        self._fast_warn(f"precision='bf16' falls back to fp32: {bf16_missing()}")
         precision = None
     if backend!='auto': return self.fast_engine(backend, precision, device, bs, xb)
     if device.type!='cpu': return self.fast_engine('torch', precision, device)

@@ -13,8 +13,8 @@ from .tabproc import Outputs, TabularPredictor, check_tab_spec, _nan_rows
 # %% auto #0
 __all__ = ['FORMAT', 'VERSION', 'SPEC_FILE', 'BACKENDS', 'FILE_BACKENDS', 'BF16_FLAGS', 'ORT_SPIN', 'crop_pad', 'resize',
            'region', 'points_to_orig', 'mask_to_orig', 'check_spec', 'check_input_shape', 'cpu_flags', 'cpu_name',
-           'native_bf16', 'cpu_count', 'OrtModel', 'OvModel', 'rt_model', 'TorchFileModel', 'item_desc', 'item_message',
-           'open_image', 'Predictor', 'result', 'image_size', 'load', 'check_tab_inputs']
+           'native_bf16', 'bf16_missing', 'cpu_count', 'OrtModel', 'OvModel', 'rt_model', 'TorchFileModel', 'item_desc',
+           'item_message', 'open_image', 'Predictor', 'result', 'image_size', 'load', 'check_tab_inputs']
 
 # %% ../nbs/08_runtime.ipynb #7d8ff53c
 FORMAT,VERSION,SPEC_FILE = 'fastinfer-export',2,'fastinfer.json'  # version 2 added tabular exports (`kind='tabular'`)
@@ -137,6 +137,10 @@ BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
 def native_bf16()->bool:
     "Whether this CPU computes bf16 natively (one of `BF16_FLAGS`); elsewhere bf16 is emulated, slower than fp32"
     return bool(cpu_flags() & set(BF16_FLAGS))
+
+def bf16_missing()->str:
+    "Why bf16 runs fp32 on a CPU without native bf16, for the warning both the learner and `load` give"
+    return f"this CPU has no native bf16 (none of {', '.join(BF16_FLAGS)} in its flags), so bf16 would be emulated, slower than fp32"
 
 def cpu_count()->int:
     "Cores this process may run on"
@@ -380,7 +384,7 @@ def load(fname, device='cpu', threads:int=None,
         raise ValueError(f'{fname}: backend {backend!r} and precision {precision!r} are for .onnx exports; a {fname.suffix} file runs on torch')
     if backend in (None, 'auto'): backend = 'openvino' if precision=='bf16' else 'onnxruntime'
     if precision=='bf16' and not native_bf16():
-        warnings.warn(f"fastinfer: precision='bf16' runs fp32: this CPU has no native bf16 (none of {', '.join(BF16_FLAGS)}), so bf16 would be slower")
+        warnings.warn(f"fastinfer: precision='bf16' runs fp32: {bf16_missing()}")
         precision = None
     try: model = rt_model(fname, threads, backend, precision) if fname.suffix=='.onnx' else TorchFileModel(fname, device)
     except (ImportError, ValueError): raise
