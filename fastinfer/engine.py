@@ -251,7 +251,7 @@ def fast_reset(self:Learner):
     return self
 
 # %% ../nbs/05_engine.ipynb #2b7e4c19
-PROBE_N = 8        # rows of the first batch each candidate is timed and checked on
+PROBE_N = 6        # rows of the first batch each candidate is checked on (and timed on, after two to warm up)
 PARITY = 1e-5      # the promise: max |Δp| of any row between a backend 'auto' chose and eager fp32 torch
 PROBE_MARGIN = 10  # a candidate is chosen only if its probe rows are within `PARITY/PROBE_MARGIN`, so the rows it never saw keep the promise
 
@@ -269,13 +269,15 @@ def _fast_warn(self:Learner, msg:str):
 def _emulated_bf16(precision, device)->bool: return precision=='bf16' and torch.device(device).type=='cpu' and not native_bf16()
 
 def _time(e, x, act, reps:int)->tuple:
-    "`(ms an item, activations)` of backend `e` on batch `x`: its one run if `reps` is 1, else the best of `reps-1` runs after one on two rows to warm up"
-    # warming up on two rows rather than all of them timed the same (ONNX Runtime, OpenVINO; Zen 3) and saved 0.13 s each
-    if reps > 1: act(e(tuple(o[:2] for o in x)))
-    t = []
+    "`(ms an item, activations)` of backend `e` on batch `x`: its one run if `reps` is 1, else a run on two rows to warm up (all of a smaller `x`), then the best of `reps-1` runs on the rest"
+    # warming up on two rows rather than all of them timed the same (ONNX Runtime, OpenVINO; Zen 3) and saved 0.13 s each;
+    # the warm-up's rows count towards the parity check, so no row is run only to be thrown away
+    w = 2 if reps > 1 and len(x[0]) > 2 else 0
+    head = act(e(tuple(o[:w or None] for o in x))) if reps > 1 else None
+    xt,t = tuple(o[w:] for o in x),[]
     for i in range(max(reps-1, 1)):
-        t0 = time.perf_counter(); out = act(e(x)); t.append(time.perf_counter()-t0)
-    return min(t)*1e3/len(x[0]),out
+        t0 = time.perf_counter(); out = act(e(xt)); t.append(time.perf_counter()-t0)
+    return min(t)*1e3/len(xt[0]),(to_concat([head, out]) if w else out)
 
 def pick_backend(ms:dict)->tuple:
     "`(best, fastest fp32, fastest bf16)` of the candidates timed in `ms` (label → ms an item; bf16 labels end in 'bf16'): bf16 only if faster"
@@ -287,10 +289,12 @@ def pick_backend(ms:dict)->tuple:
 def _fast_build(self:Learner, cands:list, device, xb)->dict:
     "Futures of the engines for the ONNX candidates `cands` (`(runtime, precision)`), built at once from one export (traced on `xb`)"
     if len(cands) < 2: return {}
-    try: self._fast_onnx(xb)
-    except Exception: return {}  # each candidate then fails on its own, with the error
     # a session or a compiled model is mostly built on one thread: ONNX Runtime's 0.16 s and OpenVINO's 0.22 s took 0.25 s at once (Zen 3)
     with ThreadPoolExecutor(min(len(cands), cpu_count()), thread_name_prefix='fastinfer-build') as ex:
+        # importing the runtimes (OpenVINO: 0.1-0.25 s in a fresh process) overlaps the export; each backend is named as its module
+        for r in {c[0] for c in cands}: ex.submit(importlib.import_module, r)
+        try: self._fast_onnx(xb)
+        except Exception: return {}  # each candidate then fails on its own, with the error
         return {c: ex.submit(self.fast_engine, c[0], c[1], device, None, xb) for c in cands}
 
 @patch
@@ -346,10 +350,15 @@ def fast_select(self:Learner,
         precision = None
     if backend!='auto': return self.fast_engine(backend, precision, device, bs, xb)
     if device.type!='cpu': return self.fast_engine('torch', precision, device)
-    choices,key = self.__dict__.setdefault('_fi_choice', {}),(precision, str(device), bs)
-    c = choices.get(key)
-    if c is None or c['version']!=_weights_version(self.model): c = choices[key] = self._fast_choice(xb, precision, device, bs)
+    c = self._fast_known(precision, device, bs)
+    if c is None: c = self._fi_choice[(precision, str(device), bs)] = self._fast_choice(xb, precision, device, bs)
     return self.fast_engine(c['backend'], c['precision'], device, bs, xb)
+
+@patch
+def _fast_known(self:Learner, precision, device, bs:int):
+    "'auto''s choice for (`precision`, `device`, `bs`) held in memory for the current weights, or `None`"
+    c = self.__dict__.setdefault('_fi_choice', {}).get((precision, str(device), bs))
+    return c if c is not None and c['version']==_weights_version(self.model) else None
 
 class Int8OpenVino:
     "A quantized learner's int8 ONNX graph (QDQ) run by OpenVINO instead of its own ONNX Runtime session"
@@ -412,9 +421,9 @@ def _fast_chosen(self:Learner, backend:str)->str:
 def _fast_ort(self:Learner, backend:str, precision, device, bs:int)->bool:
     "Whether a call's batches will run on ONNX Runtime, as far as is known before its first batch"
     if is_onnx(self.model) or backend in FILE_BACKENDS: return True
-    c = self.__dict__.get('_fi_choice', {}).get((None if _emulated_bf16(precision, device) else precision, str(device), bs))
     # a choice made for other weights is measured again, and that probe must time eager torch on all its threads
-    return backend=='auto' and c is not None and c['backend'] in FILE_BACKENDS and c['version']==_weights_version(self.model)
+    c = self._fast_known(None if _emulated_bf16(precision, device) else precision, device, bs)
+    return backend=='auto' and c is not None and c['backend'] in FILE_BACKENDS
 
 # %% ../nbs/05_engine.ipynb #b0e8e430
 COMPILE_S = 10. # one-off `torch.compile` cost of resnet18 measured on a 2-core CPU, in seconds

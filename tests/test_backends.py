@@ -4,6 +4,7 @@ import fastinfer.engine as engine
 from fastai.vision.all import Learner
 from fastcore.test import test_eq as eq, test_close as close
 from fastinfer.all import *
+from fastcore.basics import noop
 from fastinfer.test_utils import NoExport
 
 def test_auto_choice_reported(single):
@@ -19,6 +20,19 @@ def test_auto_choice_reported(single):
     eq(c['backend'], min(c['ms_per_item'], key=c['ms_per_item'].get))  # the faster one
     close(learn.fast_get_preds(files, backend='onnxruntime')[0], ref, eps=1e-5)
     with pytest.raises(ValueError, match="backend='tensorrt': expected one of"): learn.fast_get_preds(files, backend='tensorrt')
+
+def test_probe_timing_rows():
+    "a timed candidate warms up on two rows, is timed on the rest, and every row it ran is checked; one run of all rows when `reps` is 1"
+    calls = []
+    def e(xb): calls.append(len(xb[0])); return xb[0]*2
+    x = (torch.arange(6.)[:,None],)
+    for reps,sizes in ((1, [6]), (2, [2, 4]), (3, [2, 4, 4])):
+        calls.clear()
+        ms,out = engine._time(e, x, noop, reps)
+        eq(calls, sizes); eq(out, x[0]*2); assert ms > 0
+    calls.clear()
+    ms,out = engine._time(e, (x[0][:2],), noop, 2)  # too few rows to split: a warm-up run of them all, then the timed one
+    eq(calls, [2, 2]); eq(out, x[0][:2]*2)
 
 def test_export_failure_falls_back(single):
     "a model with an op that does not export to ONNX: 'auto' drops ONNX Runtime with one warning, answers unchanged"
