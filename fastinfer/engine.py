@@ -176,6 +176,7 @@ def model_hash(model)->str:
         for t in sorted({type(m) for m in model.modules()}, key=_type_name):  # a set of types iterates in address order
             f = getattr(t.forward, '__code__', None)
             h.update(f'{t.__module__}.{t.__qualname__}'.encode() + (_code_sig(f) if f else b''))
+        if is_onnx(model): h.update(model.onnx)  # a quantized learner's weights are in its ONNX graph
         for k,t in model.state_dict().items():
             h.update(k.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
             h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b'')
@@ -377,24 +378,28 @@ def _fast_int8(self:Learner, xb, backend, device, bs:int):
     if backend!='auto' or not has_openvino() or xb is None: return own
     choices,key = self.__dict__.setdefault('_fi_choice', {}),('int8', str(device), bs)
     c = choices.get(key)
-    if c is None or c['version']!=_weights_version(self.model):
-        x,ms,dps,dropped = tuple(o[:PROBE_N] for o in xb),{},{},{}
-        with torch.inference_mode():
-            ms['onnxruntime'],ref = _time(own, x, noop, 2)
-            try:
-                ms['openvino'],out = _time(self.fast_engine('openvino', None, device), x, noop, 2)
-                dps['openvino'] = max_dp(out, ref)
-                if dps['openvino'] > PARITY/PROBE_MARGIN:
-                    del ms['openvino']; dropped['openvino'] = f'max |Δp| {dps["openvino"]:.1e} against ONNX Runtime int8 > {PARITY/PROBE_MARGIN:.0e}'
-            except Exception as err: ms.pop('openvino', None); dropped['openvino'] = f'{type(err).__name__}: {str(err)[:300]}'
-        for k,m in dropped.items(): self._fast_warn(f'backend {k!r} dropped for the int8 model: {m}')
-        c = choices[key] = dict(backend=min(ms, key=ms.get), precision='int8', ms_per_item=ms, max_dp=dps, dropped=dropped, cpu=cpu_name(),
-                                version=_weights_version(self.model))
+    if c is None or c['version']!=_weights_version(self.model): c = choices[key] = self._fast_choice(xb, 'int8', device, bs)
     return self.fast_engine('openvino', None, device) if c['backend']=='openvino' else own
 
 @patch
+def _fast_measure_int8(self:Learner, xb, device)->dict:
+    "Time a quantized learner's own ONNX Runtime session and OpenVINO on the same int8 graph, on `PROBE_N` rows of `xb`: the choice and its figures"
+    own,x,ms,dps,dropped = self.fast_engine('torch', None, device),tuple(o[:PROBE_N] for o in xb),{},{},{}
+    with torch.inference_mode():
+        ms['onnxruntime'],ref = _time(own, x, noop, 2)
+        try:
+            ms['openvino'],out = _time(self.fast_engine('openvino', None, device), x, noop, 2)
+            dps['openvino'] = max_dp(out, ref)
+            if dps['openvino'] > PARITY/PROBE_MARGIN:
+                del ms['openvino']; dropped['openvino'] = f'max |Δp| {dps["openvino"]:.1e} against ONNX Runtime int8 > {PARITY/PROBE_MARGIN:.0e}'
+        except Exception as err: ms.pop('openvino', None); dropped['openvino'] = f'{type(err).__name__}: {str(err)[:300]}'
+    for k,m in dropped.items(): self._fast_warn(f'backend {k!r} dropped for the int8 model: {m}')
+    return dict(backend=min(ms, key=ms.get), precision='int8', ms_per_item=ms, max_dp=dps, dropped=dropped, cpu=cpu_name(),
+                version=_weights_version(self.model))
+
+@patch
 def _fast_choice(self:Learner, xb, precision, device, bs:int)->dict:
-    "The measured choice for batches like `xb`: from the disk cache, else measured now and kept there"
+    "The measured choice for batches like `xb` (`precision` 'int8': a quantized learner's): from the disk cache, else measured now and kept there"
     key = cache_key('choice', model_hash(self.model), _shapes(xb), bs, precision, str(device), torch_threads(), has_openvino())
     hit = cache_get('choice', key)
     if hit:
@@ -402,7 +407,7 @@ def _fast_choice(self:Learner, xb, precision, device, bs:int)->dict:
             c = json.loads(hit[0])
             if c['backend'] in BACKENDS: return dict(c, version=_weights_version(self.model), cached=True)
         except (ValueError, KeyError, TypeError): pass
-    c = self._fast_measure(xb, precision, device, bs)
+    c = self._fast_measure_int8(xb, device) if precision=='int8' else self._fast_measure(xb, precision, device, bs)
     cache_put('choice', key, json.dumps({k:v for k,v in c.items() if k!='version'}).encode())
     return c
 

@@ -101,3 +101,31 @@ print(bool(next(iter(learn.fast_backend().values())).get('cached')))
     for i in range(3): assert np.abs(np.load(on.parent/f'p{i}.npy') - ref).max() <= 1e-5
     for f in entries(on, 'onnx') + entries(on, 'choice'): assert cache_get(f.name.split('-')[0], f.name.split('-', 1)[1])
     assert not list(on.glob('.*'))  # no temporary file left behind
+
+def test_openvino_blobs_for_int8_only(single, on):
+    "OpenVINO keeps a compiled blob for an int8 graph, slow to compile, and none for fp32, which compiles faster than a blob loads"
+    pytest.importorskip('openvino')
+    from fastinfer.runtime import rt_model
+    learn,files = single
+    blobs = lambda: sorted((on/'openvino').glob('*.blob')) if (on/'openvino').exists() else []
+    p = learn.fast_pipes
+    rt_model(learn._fast_onnx(p.batch(p.collate([p.item(files[0])]*2), 'cpu')[:1])[0], 1, 'openvino')
+    eq(blobs(), [])
+    ql = learn.quantize(files[:16], n_batches=1, bs=16)
+    rt_model(ql.model.onnx, 1, 'openvino'); eq(len(blobs()), 1)
+    rt_model(ql.model.onnx, 1, 'openvino'); eq(len(blobs()), 1)  # the second build loads it
+
+def test_int8_choice_cached(single, on, monkeypatch):
+    "a quantized learner's choice between its own ONNX Runtime session and OpenVINO is kept on disk too, per int8 graph"
+    pytest.importorskip('openvino')
+    learn,files = single
+    ql = learn.quantize(files[:16], n_batches=1, bs=16)
+    n = counted(monkeypatch)
+    ref = ql.fast_get_preds(files, bs=16)[0]
+    eq(n['time'], 2); eq(len(entries(on, 'choice')), 1)
+    ql.fast_reset(); n.update(time=0)
+    eq(ql.fast_get_preds(files, bs=16)[0], ref)
+    assert ql.fast_backend()[('int8', 'cpu', 16)].get('cached') and n['time']==0
+    ql2 = learn.quantize(files[16:32], n_batches=1, bs=16)  # calibrated on other items: another graph, another entry
+    ql2.fast_get_preds(files, bs=16)
+    eq(n['time'], 2); eq(len(entries(on, 'choice')), 2)
