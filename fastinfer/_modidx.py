@@ -259,6 +259,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'fastinfer.runtime.TorchFileModel.__init__': ( 'runtime.html#torchfilemodel.__init__',
                                                                                   'fastinfer/runtime.py'),
                                    'fastinfer.runtime._int8': ('runtime.html#_int8', 'fastinfer/runtime.py'),
+                                   'fastinfer.runtime._ov_compile': ('runtime.html#_ov_compile', 'fastinfer/runtime.py'),
                                    'fastinfer.runtime._ov_dim': ('runtime.html#_ov_dim', 'fastinfer/runtime.py'),
                                    'fastinfer.runtime._pad': ('runtime.html#_pad', 'fastinfer/runtime.py'),
                                    'fastinfer.runtime._png': ('runtime.html#_png', 'fastinfer/runtime.py'),

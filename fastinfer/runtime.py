@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_runtime.ipynb #8aed8bd8
 from __future__ import annotations
-import base64, functools, io, json, math, os, threading, warnings
+import base64, functools, hashlib, io, json, math, os, threading, warnings
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
@@ -198,6 +198,21 @@ def _int8(net)->bool:
     "Whether the OpenVINO model `net` holds int8 weights (an ONNX QDQ graph, as `quantize` writes)"
     return any(o.get_type_name()=='Constant' and o.get_element_type().get_type_name() in ('u8', 'i8') for o in net.get_ops())
 
+def _ov_compile(core, net, model, cfg:dict):
+    "OpenVINO model `net` (read from `model`, a path or bytes) compiled for the CPU with `cfg`; an int8 graph's compiled blob is kept in the cache"
+    # a blob pays only where compiling is slow. Measured (Zen 3): an int8 (QDQ) resnet18 compiled in 0.17-0.19 s and loaded from its
+    # blob in 0.05 s; fp32 graphs compiled faster than OpenVINO's own blob cache (`CACHE_DIR`) loaded them (resnet18 0.08 s against
+    # 0.18-0.22 s, resnet50 0.12-0.14 against 0.31 s). fastinfer's cache, not `CACHE_DIR`: OpenVINO's blobs carry no checksum,
+    # and one with zeroed bytes loaded without a word and answered wrongly
+    from .cache import cache_key, cache_get, cache_put, model_cache
+    if model_cache() is None or not _int8(net): return core.compile_model(net, 'CPU', cfg)
+    key = cache_key('openvino', hashlib.blake2b(model if isinstance(model, bytes) else Path(model).read_bytes(), digest_size=16).hexdigest(), cfg)
+    if hit := cache_get('openvino', key): return core.import_model(io.BytesIO(hit[0]), 'CPU', cfg)
+    compiled,buf = core.compile_model(net, 'CPU', cfg),io.BytesIO()
+    compiled.export_model(buf)
+    cache_put('openvino', key, buf.getvalue(), wait=False)
+    return compiled
+
 class OvModel:
     "An OpenVINO CPU model compiled from the ONNX model `model` (a path or bytes) at `precision` ('fp32' or 'bf16'): OrtModel's interface"
     name = 'openvino'
@@ -209,17 +224,12 @@ class OvModel:
         self._load(openvino)
 
     def _load(self, ov):
-        from .cache import model_cache
-        core,d = ov.Core(),model_cache()
+        core = ov.Core()
         self.net = core.read_model(io.BytesIO(self.model) if isinstance(self.model, bytes) else self.model)
-        # OpenVINO's blob cache pays only where compiling is slow. Measured (Zen 3): an int8 (QDQ) resnet18 compiled in 0.17-0.19 s
-        # and loaded from its blob in 0.05 s; fp32 graphs compiled faster than a hit loaded (resnet18 0.08 s against 0.18-0.22 s,
-        # resnet50 0.12-0.14 against 0.31 s), and a miss, writing the blob, cost 0.23 and 0.31 s
-        if d is not None and _int8(self.net): core.set_property({'CACHE_DIR': str(d/'openvino')})
         # 'f32' is explicit: on a CPU with native bf16 OpenVINO would otherwise run bf16 by default
         cfg = {'INFERENCE_PRECISION_HINT': 'bf16' if self.precision=='bf16' else 'f32', 'PERFORMANCE_HINT': 'LATENCY',
                'INFERENCE_NUM_THREADS': self.threads or cpu_count()}
-        self.compiled = core.compile_model(self.net, 'CPU', cfg)
+        self.compiled = _ov_compile(core, self.net, self.model, cfg)
         self.inputs = [o.get_any_name() for o in self.compiled.inputs]
         # one infer request, one caller at a time: `fast_predict` may be called from many threads
         self.req,self.lock = self.compiled.create_infer_request(),threading.Lock()

@@ -103,17 +103,22 @@ print(bool(next(iter(learn.fast_backend().values())).get('cached')))
     assert not list(on.glob('.*'))  # no temporary file left behind
 
 def test_openvino_blobs_for_int8_only(single, on):
-    "OpenVINO keeps a compiled blob for an int8 graph, slow to compile, and none for fp32, which compiles faster than a blob loads"
+    "OpenVINO's compiled blob is kept for an int8 graph, slow to compile, and not for fp32; a garbled blob is caught by its checksum"
     pytest.importorskip('openvino')
+    import numpy as np
     from fastinfer.runtime import rt_model
     learn,files = single
-    blobs = lambda: sorted((on/'openvino').glob('*.blob')) if (on/'openvino').exists() else []
     p = learn.fast_pipes
-    rt_model(learn._fast_onnx(p.batch(p.collate([p.item(files[0])]*2), 'cpu')[:1])[0], 1, 'openvino')
-    eq(blobs(), [])
+    xb = p.batch(p.collate([p.item(files[0])]*2), 'cpu')[:1]
+    rt_model(learn._fast_onnx(xb)[0], 1, 'openvino')
+    eq(entries(on, 'openvino'), [])
     ql = learn.quantize(files[:16], n_batches=1, bs=16)
-    rt_model(ql.model.onnx, 1, 'openvino'); eq(len(blobs()), 1)
-    rt_model(ql.model.onnx, 1, 'openvino'); eq(len(blobs()), 1)  # the second build loads it
+    x = xb[0].numpy()
+    ref = rt_model(ql.model.onnx, 1, 'openvino')(x)
+    f, = entries(on, 'openvino')
+    eq(rt_model(ql.model.onnx, 1, 'openvino')(x), ref)  # built from the blob
+    b = bytearray(f.read_bytes()); b[len(b)//2:len(b)//2+4096] = bytes(4096); f.write_bytes(bytes(b))
+    with pytest.warns(UserWarning, match='cached openvino .* is corrupt'): eq(rt_model(ql.model.onnx, 1, 'openvino')(x), ref)
 
 def test_int8_choice_cached(single, on, monkeypatch):
     "a quantized learner's choice between its own ONNX Runtime session and OpenVINO is kept on disk too, per int8 graph"
