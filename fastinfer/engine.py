@@ -376,9 +376,8 @@ def _fast_int8(self:Learner, xb, backend, device, bs:int):
     own = self.fast_engine('torch', None, device)
     if backend=='openvino': return self.fast_engine('openvino', None, device)
     if backend!='auto' or not has_openvino() or xb is None: return own
-    choices,key = self.__dict__.setdefault('_fi_choice', {}),('int8', str(device), bs)
-    c = choices.get(key)
-    if c is None or c['version']!=_weights_version(self.model): c = choices[key] = self._fast_choice(xb, 'int8', device, bs)
+    c = self._fast_known('int8', device, bs)
+    if c is None: c = self._fi_choice[('int8', str(device), bs)] = self._fast_choice(xb, 'int8', device, bs)
     return self.fast_engine('openvino', None, device) if c['backend']=='openvino' else own
 
 @patch
