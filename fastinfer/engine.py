@@ -11,7 +11,7 @@ from fastai.basics import *
 from copy import deepcopy
 from .core import learner_device
 from .cache import cache_key, cache_get, cache_put
-from .runtime import rt_model, cpu_count, BACKENDS, FILE_BACKENDS, cpu_flags, cpu_name, BF16_FLAGS, native_bf16, bf16_missing
+from .runtime import rt_model, cpu_count, BACKENDS, FILE_BACKENDS, cpu_flags, cpu_name, native_bf16, bf16_missing
 from fastai.callback.fp16 import MixedPrecision, AMPMode
 from fastai.learner import _cast_tensor
 
@@ -352,13 +352,13 @@ def fast_select(self:Learner,
     if backend!='auto': return self.fast_engine(backend, precision, device, bs, xb)
     if device.type!='cpu': return self.fast_engine('torch', precision, device)
     c = self._fast_known(precision, device, bs)
-    if c is None: c = self._fi_choice[(precision, str(device), bs)] = self._fast_choice(xb, precision, device, bs)
+    if c is None: c = self.__dict__.setdefault('_fi_choice', {})[(precision, str(device), bs)] = self._fast_choice(xb, precision, device, bs)
     return self.fast_engine(c['backend'], c['precision'], device, bs, xb)
 
 @patch
 def _fast_known(self:Learner, precision, device, bs:int):
     "'auto''s choice for (`precision`, `device`, `bs`) held in memory for the current weights, or `None`"
-    c = self.__dict__.setdefault('_fi_choice', {}).get((precision, str(device), bs))
+    c = self.__dict__.get('_fi_choice', {}).get((precision, str(device), bs))
     return c if c is not None and c['version']==_weights_version(self.model) else None
 
 class Int8OpenVino:
@@ -377,7 +377,7 @@ def _fast_int8(self:Learner, xb, backend, device, bs:int):
     if backend=='openvino': return self.fast_engine('openvino', None, device)
     if backend!='auto' or not has_openvino() or xb is None: return own
     c = self._fast_known('int8', device, bs)
-    if c is None: c = self._fi_choice[('int8', str(device), bs)] = self._fast_choice(xb, 'int8', device, bs)
+    if c is None: c = self.__dict__.setdefault('_fi_choice', {})[('int8', str(device), bs)] = self._fast_choice(xb, 'int8', device, bs)
     return self.fast_engine('openvino', None, device) if c['backend']=='openvino' else own
 
 @patch
