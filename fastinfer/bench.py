@@ -204,7 +204,7 @@ def bench_e2e(learn:Learner, items, bs:int=64)->list:
     learn.fast_reset()
     with learn.no_bar(): t_fi,p = _time(lambda: learn.fast_get_preds(items, bs=bs)[0])
     t_fa,ref = _time(fa, items)
-    chose = first(learn.fast_backend().values())['backend'] + (' then compiled' if any(learn._fi_compile_ok.values()) else '')
+    chose = first(learn.fast_backend().values())['backend'] + (' then compiled' if any(fi_state(learn).get('compile_ok', {}).values()) else '')
     return [dict(name=f'fastai get_preds, end to end, {len(items)} images', img_s=len(items)/t_fa, speedup=1.),
             dict(name=f"fastinfer defaults, end to end, {len(items)} images ({chose}, backend choice included)",
                  img_s=len(items)/t_fi, speedup=t_fa/t_fi, max_dp=(p-ref).abs().max().item(), top1=(p.argmax(1)==ref.argmax(1)).float().mean().item())]

@@ -13,7 +13,8 @@ from PIL import Image
 from .runtime import item_desc, item_message, image_size, FORMAT, VERSION, check_spec
 
 # %% auto #0
-__all__ = ['ItemError', 'item_error', 'is_vision', 'InferPipes', 'size_spec', 'learner_spec', 'reload_learner', 'learner_device']
+__all__ = ['ItemError', 'item_error', 'is_vision', 'InferPipes', 'size_spec', 'learner_spec', 'Transient', 'fi_state',
+           'reload_learner', 'learner_device']
 
 # %% ../nbs/00_core.ipynb #7a7bc9bf
 class ItemError(ValueError):
@@ -138,11 +139,23 @@ def learner_spec(learn:Learner, precision:str='fp32')->dict:
 
 
 # %% ../nbs/00_core.ipynb #e0f0c871
+class Transient(dict):
+    "fastinfer's in-memory state on a learner or model: pickled and deep-copied empty, so `learn.export()` saves none of it"
+    # engines, ONNX exports and pipelines (which hold the full `dls`) would grow every `.pkl`, and rebuild sessions while it loads
+    def __reduce__(self): return (type(self), ())
+
+def fi_state(o)->Transient:
+    "The `Transient` dict of fastinfer's state on `o` (a `Learner` or a model), created on first use"
+    st = o.__dict__.get('_fi')
+    if st is None: st = o.__dict__['_fi'] = Transient()
+    return st
+
 @patch(as_prop=True)
 def fast_pipes(self:Learner)->InferPipes:
     "`InferPipes` of the learner's current `dls`, built on first use and reused"
-    p = getattr(self, '_fi_pipes', None)
-    if p is None or p.dls is not self.dls: p = self._fi_pipes = InferPipes(self.dls)
+    st = fi_state(self)
+    p = st.get('pipes')
+    if p is None or p.dls is not self.dls: p = st['pipes'] = InferPipes(self.dls)
     return p
 
 # %% ../nbs/00_core.ipynb #c2d43847

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from fastai.basics import *
 from copy import deepcopy
-from .core import learner_device
+from .core import learner_device, fi_state
 from .cache import cache_key, cache_get, cache_put
 from .runtime import rt_model, cpu_count, BACKENDS, FILE_BACKENDS, cpu_flags, cpu_name, native_bf16, bf16_missing
 from fastai.callback.fp16 import MixedPrecision, AMPMode
@@ -18,7 +18,8 @@ from fastai.learner import _cast_tensor
 # %% auto #0
 __all__ = ['PRECISIONS', 'PROBE_N', 'PARITY', 'PROBE_MARGIN', 'COMPILE_S', 'check_precision', 'autocast_dtype', 'has_openvino',
            'Forward', 'TorchBackend', 'onnx_export', 'onnx_bytes', 'ort_threads', 'torch_threads', 'OnnxBackend',
-           'model_hash', 'is_onnx', 'OrtModule', 'max_dp', 'pick_backend', 'Int8OpenVino', 'should_compile']
+           'model_hash', 'is_onnx', 'OrtModule', 'ort_params', 'max_dp', 'pick_backend', 'Int8OpenVino',
+           'should_compile']
 
 # %% ../nbs/05_engine.ipynb #9383a372
 PRECISIONS = (None, 'fp32', 'bf16', 'fp16')
@@ -62,8 +63,9 @@ class Forward(nn.Module):
 def _weights_version(model)->tuple:
     "Changes when `model` is replaced, or a parameter or buffer of it is changed in place (training, `load`)"
     # walking the modules costs ~0.2 ms a call on a small tabular model, a fifth of a `fast_predict`: the tensors are listed once
-    ts = model.__dict__.get('_fi_tensors')
-    if ts is None or ts[0]!=len(model._modules): ts = model.__dict__['_fi_tensors'] = (len(model._modules), list(itertools.chain(model.parameters(), model.buffers())))
+    st = fi_state(model)
+    ts = st.get('tensors')
+    if ts is None or ts[0]!=len(model._modules): ts = st['tensors'] = (len(model._modules), list(itertools.chain(model.parameters(), model.buffers())))
     return (id(model),) + tuple(t._version for t in ts[1])
 
 def _no_compile(model)->str:
@@ -170,7 +172,7 @@ def _code_sig(co)->bytes:
 
 def model_hash(model)->str:
     "A hash of `model`'s weights, its structure and the forward code of its module classes (once per weights version)"
-    v,c = _weights_version(model),model.__dict__.get('_fi_hash')
+    v,c = _weights_version(model),fi_state(model).get('hash')
     if c is None or c[0]!=v:
         h = hashlib.blake2b(repr(model).encode(), digest_size=16)
         for t in sorted({type(m) for m in model.modules()}, key=_type_name):  # a set of types iterates in address order
@@ -180,7 +182,7 @@ def model_hash(model)->str:
         for k,t in model.state_dict().items():
             h.update(k.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
             h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b'')
-        c = model.__dict__['_fi_hash'] = (v, h.hexdigest())
+        c = fi_state(model)['hash'] = (v, h.hexdigest())
     return c[1]
 
 def _shapes(xb)->list: return [(tuple(x.shape[1:]), str(x.dtype)) for x in xb]
@@ -193,7 +195,7 @@ def _type_of(name:str):
 @patch
 def _fast_onnx(self:Learner, xb)->tuple:
     "`onnx_export` of the learner's model (traced on `xb`), done once per weights and kept in the disk cache: ONNX Runtime and OpenVINO build from the same bytes"
-    v,c = _weights_version(self.model),self.__dict__.get('_fi_onnx')
+    v,c = _weights_version(self.model),fi_state(self).get('onnx')
     if c is None or c[0]!=v:
         key = cache_key('onnx', model_hash(self.model), _shapes(xb))
         hit = cache_get('onnx', key)
@@ -202,7 +204,7 @@ def _fast_onnx(self:Learner, xb)->tuple:
         if res is None:
             res = onnx_export(self.model.eval().cpu(), xb)
             cache_put('onnx', key, res[0], dict(out_type=_type_name(res[1])), wait=False)
-        c = self._fi_onnx = (v, *res)
+        c = fi_state(self)['onnx'] = (v, *res)
     return c[1:]
 
 def is_onnx(model)->bool:
@@ -223,6 +225,11 @@ class OrtModule(nn.Module):
         out = torch.from_numpy(self.ort.named(**{f'x{i}': x.numpy() for i,x in enumerate(_plain(xs))}))
         return out if self.out_type is Tensor else out.as_subclass(self.out_type)  # the type eager torch returns
 
+def ort_params(m:OrtModule)->list:
+    "A `quantize`d learner's splitter: its one (empty, frozen) parameter, for the optimizer fastai builds in `export` and `fit`"
+    # fastai's default splitter lists trainable parameters: none here, and its `Optimizer` fails on an empty list
+    return [[m.device_anchor]]
+
 # %% ../nbs/05_engine.ipynb #57955270
 @patch
 def fast_engine(self:Learner,
@@ -238,7 +245,7 @@ def fast_engine(self:Learner,
     if backend in FILE_BACKENDS and (device.type!='cpu' or precision not in ((None, 'fp32') if backend=='onnxruntime' else (None, 'fp32', 'bf16'))):
         raise ValueError(f"backend={backend!r} runs {'fp32' if backend=='onnxruntime' else 'fp32 or bf16'} on the CPU here, not precision={precision!r} on {device.type}")
     key = (backend, precision, str(device), bs if backend=='compile' else None)
-    cache = self.__dict__.setdefault('_fi_engines', {})
+    cache = fi_state(self).setdefault('engines', {})
     e = cache.get(key)
     if e is None or not e.fresh(self):
         if is_onnx(self.model) and backend=='openvino': e = cache[key] = Int8OpenVino(self)
@@ -248,7 +255,8 @@ def fast_engine(self:Learner,
 @patch
 def fast_reset(self:Learner):
     "Forget cached pipelines, backends (compiled graphs, the ONNX export and its sessions included) and backend choices, in memory (the disk cache stays)"
-    self._fi_engines,self._fi_pipes,self._fi_choice,self._fi_compile_ok,self._fi_onnx = {},None,{},{},None
+    st = fi_state(self)
+    for k in ('engines', 'pipes', 'choice', 'compile_ok', 'onnx'): st.pop(k, None)
     return self
 
 # %% ../nbs/05_engine.ipynb #2b7e4c19
@@ -264,7 +272,7 @@ def max_dp(a, b)->float:
 @patch
 def _fast_warn(self:Learner, msg:str):
     "Warn with `msg` once per learner"
-    seen = self.__dict__.setdefault('_fi_warnings', set())
+    seen = fi_state(self).setdefault('warnings', set())
     if msg not in seen: seen.add(msg); warnings.warn(f'fastinfer: {msg}', stacklevel=4)
 
 def _emulated_bf16(precision, device)->bool: return precision=='bf16' and torch.device(device).type=='cpu' and not native_bf16()
@@ -352,13 +360,13 @@ def fast_select(self:Learner,
     if backend!='auto': return self.fast_engine(backend, precision, device, bs, xb)
     if device.type!='cpu': return self.fast_engine('torch', precision, device)
     c = self._fast_known(precision, device, bs)
-    if c is None: c = self.__dict__.setdefault('_fi_choice', {})[(precision, str(device), bs)] = self._fast_choice(xb, precision, device, bs)
+    if c is None: c = fi_state(self).setdefault('choice', {})[(precision, str(device), bs)] = self._fast_choice(xb, precision, device, bs)
     return self.fast_engine(c['backend'], c['precision'], device, bs, xb)
 
 @patch
 def _fast_known(self:Learner, precision, device, bs:int):
     "'auto''s choice for (`precision`, `device`, `bs`) held in memory for the current weights, or `None`"
-    c = self.__dict__.get('_fi_choice', {}).get((precision, str(device), bs))
+    c = fi_state(self).get('choice', {}).get((precision, str(device), bs))
     return c if c is not None and c['version']==_weights_version(self.model) else None
 
 class Int8OpenVino:
@@ -377,7 +385,7 @@ def _fast_int8(self:Learner, xb, backend, device, bs:int):
     if backend=='openvino': return self.fast_engine('openvino', None, device)
     if backend!='auto' or not has_openvino() or xb is None: return own
     c = self._fast_known('int8', device, bs)
-    if c is None: c = self.__dict__.setdefault('_fi_choice', {})[('int8', str(device), bs)] = self._fast_choice(xb, 'int8', device, bs)
+    if c is None: c = fi_state(self).setdefault('choice', {})[('int8', str(device), bs)] = self._fast_choice(xb, 'int8', device, bs)
     return self.fast_engine('openvino', None, device) if c['backend']=='openvino' else own
 
 @patch
@@ -413,7 +421,7 @@ def _fast_choice(self:Learner, xb, precision, device, bs:int)->dict:
 @patch
 def fast_backend(self:Learner)->dict:
     "What `backend='auto'` chose, per `(precision, device, bs)`, and the figures behind it: ms an image, max |Δp|, what was dropped and why"
-    return {k: {n:v for n,v in c.items() if n!='version'} for k,c in self.__dict__.get('_fi_choice', {}).items()}
+    return {k: {n:v for n,v in c.items() if n!='version'} for k,c in fi_state(self).get('choice', {}).items()}
 
 @patch
 def _fast_chosen(self:Learner, backend:str)->str:

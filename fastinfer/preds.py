@@ -128,8 +128,9 @@ def _fast_tabular(self:Learner)->bool:
 
 @patch
 def _warn_fallback(self:Learner):
-    if getattr(self, '_fi_warned', False): return
-    self._fi_warned = True
+    st = fi_state(self)
+    if st.get('warned'): return
+    st['warned'] = True
     why = tab_unsupported(self.dls) if is_tabular(self.dls) else f'these {type(self.dls).__name__} are not vision `Datasets` or tabular data'
     warnings.warn(f"fastinfer: {why}; fastinfer uses fastai's own `get_preds`/`predict` for this learner: same answers, no speed-up")
 
@@ -203,7 +204,7 @@ def _fast_iter(self:Learner, items, bs=64, act=None, device=None, num_workers=No
 def _fast_compiled(self:Learner, eager, xb, out, act, bs:int):
     "The compiled twin of backend `eager` if it agrees with `eager`'s outputs `out` on batch `xb` (within `PARITY` at fp32); else `eager`"
     key = (eager.precision, str(eager.device), bs)
-    ok = self.__dict__.setdefault('_fi_compile_ok', {})
+    ok = fi_state(self).setdefault('compile_ok', {})
     c = self.fast_engine('compile', eager.precision, eager.device, bs)
     if key not in ok:
         # measured on an H100: inductor's graph was 1.4e-4 away from eager torch, outside the parity budget

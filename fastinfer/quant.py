@@ -68,4 +68,4 @@ def quantize(self:Learner,
         finally: logging.disable(logging.NOTSET)
         q = out.read_bytes()
     if not _has_int8(q): raise ValueError(f'cannot quantize {name}: no layer of it has an int8 kernel, so it would stay fp32')
-    return Learner(self.dls, OrtModule(q, out_type, name), loss_func=self.loss_func)
+    return Learner(self.dls, OrtModule(q, out_type, name), loss_func=self.loss_func, splitter=ort_params)

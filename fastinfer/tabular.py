@@ -9,7 +9,7 @@ from copy import deepcopy
 from fastai.basics import *
 from fastai.tabular.core import TabularPandas, Categorify, FillMissing
 from fastai.data.transforms import Normalize, Categorize, MultiCategorize, EncodedMultiCategorize, RegressionSetup
-from .core import learner_device
+from .core import learner_device, fi_state
 from .engine import *
 from .runtime import FORMAT, SPEC_FILE, check_spec
 from .tabproc import *
@@ -68,8 +68,9 @@ def tab_spec(learn:Learner, precision:str='fp32')->dict:
 @patch(as_prop=True)
 def fast_tab(self:Learner)->TabProcs:
     "The `TabProcs` of the learner's current `dls`, built on first use and reused"
-    p = getattr(self, '_fi_tab', None)
-    if p is None or p[0] is not self.dls: p = self._fi_tab = (self.dls, TabProcs(tab_spec(self)))
+    st = fi_state(self)
+    p = st.get('tab')
+    if p is None or p[0] is not self.dls: p = st['tab'] = (self.dls, TabProcs(tab_spec(self)))
     return p[1]
 
 # %% ../nbs/05a_tabular.ipynb #37cd6e4a
@@ -178,10 +179,10 @@ def _fast_tab_predict(self:Learner, row, device=None, precision=None, backend='a
     elif task=='multi': d[y[0]] = self._tab_full(dec)[0]
     else: d.update(dict(zip(y, dec[0].tolist())))
     # one block of object columns: pandas' per-column dtype inference took a third of the call (24 ms at 3,000 columns)
-    a,names,cols = np.empty((1, len(d)), dtype=object),tuple(d),self.__dict__.get('_fi_row_cols')
+    a,names,cols = np.empty((1, len(d)), dtype=object),tuple(d),fi_state(self).get('row_cols')
     a[0,:] = list(d.values())
     # and the column labels an Index made once (an Index is immutable): pandas 3 builds one of Arrow strings from a list each call
-    if cols is None or cols[0]!=names: cols = self._fi_row_cols = (names, pd.Index(names))
+    if cols is None or cols[0]!=names: cols = fi_state(self)['row_cols'] = (names, pd.Index(names))
     return pd.DataFrame(a, columns=cols[1], dtype=object, copy=False),dec[0],probs[0]
 
 # %% ../nbs/05a_tabular.ipynb #e0c3c89f

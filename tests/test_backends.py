@@ -64,7 +64,7 @@ def test_bf16_without_native_support(single, monkeypatch):
     monkeypatch.setattr(engine, 'native_bf16', lambda: False)
     with pytest.warns(UserWarning, match="precision='bf16' falls back to fp32: .*avx512_bf16, amx_bf16"): res = learn.fast_get_preds(files, precision='bf16')[0]
     close(res, learn.fast_get_preds(files, backend='torch')[0], eps=1e-5)
-    assert not any(k[1]=='bf16' for k in learn._fi_engines)  # no bf16 engine was even built
+    assert not any(k[1]=='bf16' for k in fi_state(learn)['engines'])  # no bf16 engine was even built
     learn.fast_reset()
 
 def test_bf16_with_native_support(single, monkeypatch):
@@ -171,7 +171,7 @@ def test_ort_hint_needs_a_current_choice(single):
     "torch is held at one thread from a call's start only where a choice of ONNX Runtime stands for the current weights"
     learn,files = single
     learn.fast_reset()
-    learn._fi_choice[(None, 'cpu', 4)] = dict(backend='onnxruntime', version=engine._weights_version(learn.model))
+    fi_state(learn).setdefault('choice', {})[(None, 'cpu', 4)] = dict(backend='onnxruntime', version=engine._weights_version(learn.model))
     assert learn._fast_ort('auto', None, 'cpu', 4) and not learn._fast_ort('torch', None, 'cpu', 4)
     with torch.no_grad(): next(learn.model.parameters()).add_(0)  # changed in place: the choice is measured again
     assert not learn._fast_ort('auto', None, 'cpu', 4)

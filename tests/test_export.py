@@ -132,3 +132,18 @@ print(lbl)
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert r.returncode==0, r.stderr[-2000:]
     eq(r.stdout.strip().splitlines()[-1], learn.fast_predict(files[0])[0])
+
+def test_learner_export_keeps_no_state(tmp_path):
+    "fastai's `learn.export()` after fastinfer calls saves none of fastinfer's in-memory state (engines, ONNX export, pipelines, choices)"
+    learn,files = synth_learner('single', tmp_path/'l', n=16)
+    learn.export(tmp_path/'before.pkl')
+    ref = learn.fast_get_preds(files, bs=8)[0]
+    for be in ('onnxruntime', 'torch'): learn.fast_get_preds(files[:4], bs=4, backend=be)
+    learn.fast_predict(files[0])
+    learn.export(tmp_path/'after.pkl')
+    # the same file but for two empty `Transient`s (learner and model): 57 kB, where the engines and pipelines had made it 81
+    assert (tmp_path/'after.pkl').stat().st_size - (tmp_path/'before.pkl').stat().st_size < 100
+    l2 = reload_learner(tmp_path/'after.pkl')
+    assert not any(k.startswith('_fi') and v for k,v in l2.__dict__.items()), [k for k in l2.__dict__ if k.startswith('_fi')]
+    assert not any(k.startswith('_fi') and v for k,v in l2.model.__dict__.items())
+    close(l2.fast_get_preds(files, bs=8)[0], ref, eps=1e-5)

@@ -107,6 +107,6 @@ def test_learner_untouched(single):
 
 def test_vocab_decode_checked(single):
     learn,files = single
-    learn._fi_pipes = None
+    fi_state(learn).pop('pipes', None)
     learn.fast_get_preds(files[:8], fully_decoded=True)
     assert learn.fast_pipes.vocab_ok is True

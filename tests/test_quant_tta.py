@@ -30,6 +30,18 @@ def test_quantized_export(qsingle, single, tmp_path):
     eq(p.get_preds(files)[1], ql.fast_get_preds(files, with_decoded=True)[2].numpy())
     with pytest.raises(ValueError, match='export it with export_onnx'): ql.export_jit(tmp_path/'q.pt')
 
+def test_quantized_learner_pkl(qsingle, single, tmp_path):
+    "fastai's `export` saves a quantized learner (it had raised IndexError building an optimizer with no parameters), and it loads with the same int8 graph and answers"
+    ql,(_,files) = qsingle,single
+    ql.export(tmp_path/'q.pkl')
+    l2 = reload_learner(tmp_path/'q.pkl')
+    assert isinstance(l2.model, OrtModule)
+    eq(l2.model.onnx, ql.model.onnx)
+    p = ql.fast_get_preds(files, bs=16, with_decoded=True)
+    r = l2.fast_get_preds(files, bs=16, with_decoded=True)
+    eq(r[0], p[0]); eq(r[2], p[2])
+    eq(l2.fast_predict(files[0])[0], ql.fast_predict(files[0])[0])
+
 def test_quantize_refuses(single):
     from fastinfer.test_utils import NoExport
     learn,files = single

@@ -35,11 +35,11 @@ def test_compiled_parity(single):
     res = learn.fast_get_preds(files, bs=16, with_decoded=True, compile=True)
     assert len(files)%16, 'the last batch must be short to test padding'
     close(res[0], ref[0], eps=1e-5); eq(res[2], ref[2])
-    assert learn._fi_engines[('compile', None, 'cpu', 16)].warm
+    assert fi_state(learn)['engines'][('compile', None, 'cpu', 16)].warm
     learn.fast_prepare(bs=1, compile=True)
     with learn.no_bar(): p = learn.predict(files[0])
     r = learn.fast_predict(files[0], backend='compile')
-    assert learn._fi_engines[('compile', None, 'cpu', 1)].warm
+    assert fi_state(learn)['engines'][('compile', None, 'cpu', 1)].warm
     close(r[2], p[2], eps=1e-5); eq(r[0], p[0])
 
 def test_compile_failure_falls_back(single, monkeypatch):
@@ -65,10 +65,10 @@ def test_auto_compile_policy(single, monkeypatch):
     key = ('compile', None, 'cpu', 8)
     learn.fast_reset(); monkeypatch.setattr(engine, 'COMPILE_S', 1e9)
     learn.fast_get_preds(files, bs=8)
-    assert key not in learn._fi_engines
+    assert key not in fi_state(learn)['engines']
     monkeypatch.setattr(engine, 'COMPILE_S', 0.)
     learn.fast_get_preds(files, bs=8)
-    assert learn._fi_engines[key].warm
+    assert fi_state(learn)['engines'][key].warm
     learn.fast_reset()
 
 def test_compile_needs_fixed_size(single):
