@@ -114,6 +114,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                    'fastinfer/engine.py'),
                                   'fastinfer.engine.Learner._fast_onnx': ('engine.html#learner._fast_onnx', 'fastinfer/engine.py'),
                                   'fastinfer.engine.Learner._fast_ort': ('engine.html#learner._fast_ort', 'fastinfer/engine.py'),
+                                  'fastinfer.engine.Learner._fast_probe': ('engine.html#learner._fast_probe', 'fastinfer/engine.py'),
                                   'fastinfer.engine.Learner._fast_warn': ('engine.html#learner._fast_warn', 'fastinfer/engine.py'),
                                   'fastinfer.engine.Learner.fast_backend': ('engine.html#learner.fast_backend', 'fastinfer/engine.py'),
                                   'fastinfer.engine.Learner.fast_engine': ('engine.html#learner.fast_engine', 'fastinfer/engine.py'),

@@ -307,31 +307,37 @@ def _fast_build(self:Learner, cands:list, device, xb)->dict:
         return {c: ex.submit(self.fast_engine, c[0], c[1], device, None, xb) for c in cands}
 
 @patch
+def _fast_probe(self:Learner, cands:dict, x, act, ref:str, model:str)->tuple:
+    "`(ms, max_dp, dropped)` of `cands` (`label: (build, runs)`) on rows `x`, against the first that runs (`ref`); a non-bf16 one off by over `PARITY/PROBE_MARGIN` is dropped"
+    ms,dps,dropped,out0 = {},{},{},None
+    for label,(build,n) in cands.items():
+        try:
+            with torch.inference_mode(): ms[label],out = _time(build(), x, act, n)
+        except Exception as err:
+            dropped[label] = f'{type(err).__name__}: {str(err)[:300]}'
+            self._fast_warn(f'backend {label!r} dropped for {model}: it failed to build or run ({dropped[label]})')
+            continue
+        if out0 is None: out0 = out
+        dps[label] = max_dp(out, out0)
+        if not label.endswith('bf16') and dps[label] > PARITY/PROBE_MARGIN:  # bf16 is judged on speed alone, by the user's choice
+            del ms[label]
+            dropped[label] = f'max |Δp| {dps[label]:.1e} against {ref} > {PARITY/PROBE_MARGIN:.0e}'
+            self._fast_warn(f'backend {label!r} dropped: {dropped[label]} on the first batch')
+    return ms,dps,dropped
+
+@patch
 def _fast_measure(self:Learner, xb, precision, device, bs:int)->dict:
     "Time each candidate on `PROBE_N` rows of `xb` and check it against eager fp32: the choice and its figures"
     x,act = tuple(o[:PROBE_N] for o in xb),getcallable(self.loss_func, 'activation')
     fp,ov = None if precision=='bf16' else precision,['openvino'] if has_openvino() else []
     cands = [('torch', fp), ('onnxruntime', None)] + [(o, None) for o in ov]
     if precision=='bf16': cands += [('torch', 'bf16')] + [(o, 'bf16') for o in ov]
-    ms,dps,dropped,ref = {},{},{},None
     built = self._fast_build([c for c in cands if c[0] in FILE_BACKENDS], device, x)
-    for name,prec in cands:
-        label = name if prec!='bf16' else f'{name} bf16'
-        try:
-            e = built[(name,prec)].result() if (name,prec) in built else self.fast_engine(name, prec, device, bs, x)
-            # eager fp32 torch has little to warm up, so its reference run is its timed run; the others are timed warm,
-            # bf16 ones the best of two runs (their first call builds kernels, and they are compared with fp32 on speed alone)
-            with torch.inference_mode(): ms[label],out = _time(e, x, act, 1 if (name,prec)==('torch',fp) else 3 if prec=='bf16' else 2)
-        except Exception as err:
-            dropped[label] = f'{type(err).__name__}: {str(err)[:300]}'
-            self._fast_warn(f'backend {label!r} dropped for {type(self.model).__name__}: it failed to build or run ({dropped[label]})')
-            continue
-        if ref is None: ref = out
-        dps[label] = max_dp(out, ref)
-        if prec!='bf16' and dps[label] > PARITY/PROBE_MARGIN:
-            del ms[label]
-            dropped[label] = f'max |Δp| {dps[label]:.1e} against eager fp32 > {PARITY/PROBE_MARGIN:.0e}'
-            self._fast_warn(f'backend {label!r} dropped: {dropped[label]} on the first batch')
+    def make(name, prec): return lambda: built[(name,prec)].result() if (name,prec) in built else self.fast_engine(name, prec, device, bs, x)
+    # eager fp32 torch has little to warm up, so its reference run is its timed run; the others are timed warm,
+    # bf16 ones the best of two runs (their first call builds kernels, and they are compared with fp32 on speed alone)
+    ms,dps,dropped = self._fast_probe({(name if prec!='bf16' else f'{name} bf16'): (make(name, prec), 1 if (name,prec)==('torch',fp) else 3 if prec=='bf16' else 2)
+                                       for name,prec in cands}, x, act, 'eager fp32', type(self.model).__name__)
     best,fp32,bf = pick_backend(ms)
     if bf is not None and best==fp32:
         self._fast_warn(f"precision='bf16' falls back to fp32 ({fp32}): bf16 measured slower on this CPU ({bf}: {ms[bf]:.1f} vs {ms[fp32]:.1f} ms an image)")
@@ -391,16 +397,10 @@ def _fast_int8(self:Learner, xb, backend, device, bs:int):
 @patch
 def _fast_measure_int8(self:Learner, xb, device)->dict:
     "Time a quantized learner's own ONNX Runtime session and OpenVINO on the same int8 graph, on `PROBE_N` rows of `xb`: the choice and its figures"
-    own,x,ms,dps,dropped = self.fast_engine('torch', None, device),tuple(o[:PROBE_N] for o in xb),{},{},{}
-    with torch.inference_mode():
-        ms['onnxruntime'],ref = _time(own, x, noop, 2)
-        try:
-            ms['openvino'],out = _time(self.fast_engine('openvino', None, device), x, noop, 2)
-            dps['openvino'] = max_dp(out, ref)
-            if dps['openvino'] > PARITY/PROBE_MARGIN:
-                del ms['openvino']; dropped['openvino'] = f'max |Δp| {dps["openvino"]:.1e} against ONNX Runtime int8 > {PARITY/PROBE_MARGIN:.0e}'
-        except Exception as err: ms.pop('openvino', None); dropped['openvino'] = f'{type(err).__name__}: {str(err)[:300]}'
-    for k,m in dropped.items(): self._fast_warn(f'backend {k!r} dropped for the int8 model: {m}')
+    # the model's own session (the 'torch' engine runs the `OrtModule` as it is) first: it is what fastai's calls run
+    ms,dps,dropped = self._fast_probe({'onnxruntime': (lambda: self.fast_engine('torch', None, device), 2),
+                                       'openvino': (lambda: self.fast_engine('openvino', None, device), 2)},
+                                      tuple(o[:PROBE_N] for o in xb), noop, 'ONNX Runtime int8', 'the int8 model')
     return dict(backend=min(ms, key=ms.get), precision='int8', ms_per_item=ms, max_dp=dps, dropped=dropped, cpu=cpu_name(),
                 version=_weights_version(self.model))
 
