@@ -147,8 +147,7 @@ class Transient(dict):
 def fi_state(o)->Transient:
     "The `Transient` dict of fastinfer's state on `o` (a `Learner` or a model), created on first use"
     st = o.__dict__.get('_fi')
-    if st is None: st = o.__dict__['_fi'] = Transient()
-    return st
+    return st if st is not None else o.__dict__.setdefault('_fi', Transient())  # atomic: two threads' first calls get one dict
 
 @patch(as_prop=True)
 def fast_pipes(self:Learner)->InferPipes:

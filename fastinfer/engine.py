@@ -226,7 +226,7 @@ class OrtModule(nn.Module):
         return out if self.out_type is Tensor else out.as_subclass(self.out_type)  # the type eager torch returns
 
 def ort_params(m:OrtModule)->list:
-    "A `quantize`d learner's splitter: its one (empty, frozen) parameter, for the optimizer fastai builds in `export` and `fit`"
+    "A `quantize`d learner's splitter: its one (empty, frozen) parameter, for the optimizer fastai's `export` builds"
     # fastai's default splitter lists trainable parameters: none here, and its `Optimizer` fails on an empty list
     return [[m.device_anchor]]
 
