@@ -1,5 +1,6 @@
-"""Device checks in one run (a lent GPU machine): `gpu` (parity of every learner kind on CUDA, then the resnet18 bench there)
-and `cpu` (bf16 against fp32 on this machine's CPU, pinned to 2 cores by the caller). Writes JSON lines to $OUT/<part>.jsonl"""
+"""Device checks (a lent GPU machine; `dev/device_run.sh` runs them): `gpu` (parity of every learner kind on CUDA, then the
+resnet18 bench there), `cpu` (bf16 against fp32 on the host's CPU) and `first` (first calls of fresh processes), the last two
+pinned to 2 cores by the caller. Writes JSON lines to $OUT/<part>.jsonl; `SMOKE=1` checks the script on a CPU-only machine"""
 import os, sys, json, time, tempfile, traceback, warnings
 warnings.simplefilter('ignore')
 from pathlib import Path
@@ -69,8 +70,9 @@ def gpu_parity():
             for m,kw in {'default': {}, 'torch': dict(backend='torch'), **({} if CPU else {'fp16': dict(precision='fp16')})}.items():
                 res = l.fast_get_preds(df, with_decoded=True, **kw)
                 emit(check='gpu_tab_parity', kind=kind, mode=m, max_dp=mdp(res[0], ref[0]), decoded_same=same(res[2], ref[2]))
-            with l.no_bar(): p_ref = l.predict(df.iloc[0])
-            p = l.fast_predict(df.iloc[0])
+            row = df.drop(columns=[c for c in df if c.startswith('y')]).iloc[0]  # fastai's `predict` fails on a row holding object-typed targets
+            with l.no_bar(): p_ref = l.predict(row)
+            p = l.fast_predict(row)
             emit(check='gpu_tab_predict', kind=kind, max_dp=mdp(p[2], p_ref[2]))
         try_(f'tabular {kind}', one)
 

@@ -1,4 +1,8 @@
-# one device call: environment, wheels, the GPU checks, then the CPU checks pinned to 2 physical cores with the GPU hidden
+# One device call (`run` with carry ['.whl']): environment, wheels, the GPU checks, then the CPU checks pinned to 2 physical cores
+# with the GPU hidden. `python3 dev/device_check.py first` (same pinning) times the first call of fresh processes.
+# The device image has torch, onnxruntime, pandas and pyarrow, not fastai: fill .whl/ (ignored by git) first with cp312 wheels
+# (pip download --no-deps --python-version 3.12 --platform manylinux...) of fastai 2.8.12, fastcore, fasttransform, fastdownload,
+# plum-dispatch, beartype, openvino, openvino-telemetry, and fastprogress 1.0.3 (1.1 imports fasthtml, which is not there).
 nvidia-smi -L; lscpu | grep -E "Model name|^CPU\(s\)|Thread\(s\)|Core\(s\)"; grep -o -E "avx512_bf16|amx_bf16|avx512f|avx2" /proc/cpuinfo | sort | uniq -c
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD FASTINFER_CACHE=/tmp/fic PYTHONUNBUFFERED=1
