@@ -109,6 +109,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'fastinfer.engine.Learner._fast_chosen': ('engine.html#learner._fast_chosen', 'fastinfer/engine.py'),
                                   'fastinfer.engine.Learner._fast_int8': ('engine.html#learner._fast_int8', 'fastinfer/engine.py'),
                                   'fastinfer.engine.Learner._fast_known': ('engine.html#learner._fast_known', 'fastinfer/engine.py'),
+                                  'fastinfer.engine.Learner._fast_load_or_measure': ( 'engine.html#learner._fast_load_or_measure',
+                                                                                      'fastinfer/engine.py'),
                                   'fastinfer.engine.Learner._fast_measure': ('engine.html#learner._fast_measure', 'fastinfer/engine.py'),
                                   'fastinfer.engine.Learner._fast_measure_int8': ( 'engine.html#learner._fast_measure_int8',
                                                                                    'fastinfer/engine.py'),

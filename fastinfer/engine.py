@@ -365,8 +365,7 @@ def fast_select(self:Learner,
         precision = None
     if backend!='auto': return self.fast_engine(backend, precision, device, bs, xb)
     if device.type!='cpu': return self.fast_engine('torch', precision, device)
-    c = self._fast_known(precision, device, bs)
-    if c is None: c = fi_state(self).setdefault('choice', {})[(precision, str(device), bs)] = self._fast_choice(xb, precision, device, bs)
+    c = self._fast_choice(xb, precision, device, bs)
     return self.fast_engine(c['backend'], c['precision'], device, bs, xb)
 
 @patch
@@ -390,8 +389,7 @@ def _fast_int8(self:Learner, xb, backend, device, bs:int):
     own = self.fast_engine('torch', None, device)
     if backend=='openvino': return self.fast_engine('openvino', None, device)
     if backend!='auto' or not has_openvino() or xb is None: return own
-    c = self._fast_known('int8', device, bs)
-    if c is None: c = fi_state(self).setdefault('choice', {})[('int8', str(device), bs)] = self._fast_choice(xb, 'int8', device, bs)
+    c = self._fast_choice(xb, 'int8', device, bs)
     return self.fast_engine('openvino', None, device) if c['backend']=='openvino' else own
 
 @patch
@@ -406,7 +404,14 @@ def _fast_measure_int8(self:Learner, xb, device)->dict:
 
 @patch
 def _fast_choice(self:Learner, xb, precision, device, bs:int)->dict:
-    "The measured choice for batches like `xb` (`precision` 'int8': a quantized learner's): from the disk cache, else measured now and kept there"
+    "The measured choice for batches like `xb` (`precision` 'int8': a quantized learner's): held in memory, else from the disk cache, else measured now; kept in both"
+    c = self._fast_known(precision, device, bs)
+    if c is None: c = fi_state(self).setdefault('choice', {})[(precision, str(device), bs)] = self._fast_load_or_measure(xb, precision, device, bs)
+    return c
+
+@patch
+def _fast_load_or_measure(self:Learner, xb, precision, device, bs:int)->dict:
+    "The choice for batches like `xb` from the disk cache, else measured now and kept there"
     key = cache_key('choice', model_hash(self.model), _shapes(xb), bs, precision, str(device), torch_threads(), has_openvino())
     hit = cache_get('choice', key)
     if hit:
