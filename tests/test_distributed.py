@@ -1,5 +1,5 @@
 "ray_predict on a local 2-CPU Ray cluster: every row equals fast_get_preds, bad files become error rows, nothing dropped; shut down always"
-import json, math, pytest, torch
+import ctypes, json, math, signal, pytest, torch
 import numpy as np
 from pathlib import Path
 from fastcore.test import test_eq as eq
@@ -7,11 +7,42 @@ from fastinfer.all import *
 
 ray = pytest.importorskip('ray')
 
+class _stack_t(ctypes.Structure): _fields_ = [('ss_sp', ctypes.c_void_p), ('ss_flags', ctypes.c_int), ('ss_size', ctypes.c_size_t)]
+class _sigaction_t(ctypes.Structure): _fields_ = [('handler', ctypes.c_void_p), ('mask', ctypes.c_ulong*16), ('flags', ctypes.c_int), ('restorer', ctypes.c_void_p)]
+
+def _signal_state():
+    "This thread's alternate signal stack and every signal's C-level action (`sigaltstack`, `sigaction`)"
+    libc = ctypes.CDLL(None, use_errno=True)
+    st = _stack_t(); libc.sigaltstack(None, ctypes.byref(st))
+    acts = {}
+    for n in range(1, signal.SIGRTMIN):
+        a = _sigaction_t()
+        if libc.sigaction(n, None, ctypes.byref(a))==0: acts[n] = a
+    return st, acts
+
+def _restore_signal_state(state):
+    "Put back what `_signal_state` saved: Ray's shutdown leaves its 64 kB alternate stack in place and resets the fault handlers to the default"
+    # (ray-project/ray#65749, open): so pytest's faulthandler printed nothing when a later test crashed
+    libc = ctypes.CDLL(None, use_errno=True)
+    st,acts = state
+    if st.ss_flags & 2: st = _stack_t(None, 2, 0)  # SS_DISABLE: there was none
+    libc.sigaltstack(ctypes.byref(st), None)
+    now = _signal_state()[1]
+    for n,a in acts.items():
+        if now[n].handler != a.handler: libc.sigaction(n, ctypes.byref(a), None)
+
 @pytest.fixture(scope='module')
 def cluster():
+    "A local Ray cluster in this process; afterwards, the process's signal state as it was (faulthandler's handlers and stack included)"
+    before = _signal_state()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try: yield
-    finally: ray.shutdown()
+    finally:
+        ray.shutdown()
+        _restore_signal_state(before)
+        after = _signal_state()
+        eq((after[0].ss_sp, after[0].ss_size), (before[0].ss_sp, before[0].ss_size))
+        eq({n: a.handler for n,a in after[1].items()}, {n: a.handler for n,a in before[1].items()})
 
 def test_rows_equal_fast_get_preds(cluster, single, tmp_path):
     from fastinfer.distributed import ray_predict
