@@ -80,12 +80,15 @@ def _missing(n:int, name:str, bad:dict, off:int):
     for i in range(off, off+n): bad.setdefault(i, f'row {i}: column {name!r} is missing')
 
 def _floats(col, name:str, bad:dict, off:int, n:int)->np.ndarray:
-    "Column `col` as float64; rows whose value is missing from the row or not a number go in `bad`"
+    "Column `col` as numbers: numpy's bool, int and float dtypes as they are, anything else as float64; rows whose value is missing from the row or not a number go in `bad`"
     pd = _pd()
     if col is None: _missing(n, name, bad, off); return np.full(n, np.nan)
-    if _is_pd(col, 'Series') and pd.api.types.is_numeric_dtype(col.dtype): return col.to_numpy(dtype=np.float64, na_value=np.nan)
+    if _is_pd(col, 'Series') and pd.api.types.is_numeric_dtype(col.dtype):
+        if isinstance(col.dtype, np.dtype): return col.to_numpy()
+        # pandas' nullable floats (`Float32`) compute in their own width, its nullable ints (`Int16`) in float64
+        return col.to_numpy(dtype=col.dtype.numpy_dtype if col.dtype.kind=='f' else np.float64, na_value=np.nan)
     a = np.asarray(col)
-    if a.dtype.kind in 'biuf': return a.astype(np.float64)
+    if a.dtype.kind in 'biuf': return a
     out = np.empty(len(a), np.float64)
     for i,v in enumerate(a):
         if v is _MISSING: bad.setdefault(off+i, f'row {off+i}: column {name!r} is missing'); out[i] = np.nan
@@ -106,7 +109,12 @@ def _codes(col, classes:list, name:str, bad:dict, off:int, n:int, warn, lut:dict
             if list(col.cat.categories)!=list(classes[1:]):
                 warn(f"column {name!r} has a pandas category dtype whose categories differ from the learner's classes: "
                      "fastai encodes it by its own codes, and so does fastinfer; convert it with .astype(object) to encode it by value")
-            return col.cat.codes.to_numpy().astype(np.int64) + 1
+            codes = col.cat.codes.to_numpy().astype(np.int64) + 1
+            # a code past the classes has no embedding row: fastai fails on the whole batch, ONNX Runtime too, and OpenVINO reads zeros
+            for i in np.flatnonzero(codes >= len(classes)):
+                bad.setdefault(off+int(i), f'row {off+int(i)}: column {name!r} is a pandas category whose value {col.iloc[i]!r} has the code {codes[i]-1}, '
+                               f'past the {len(classes)-1} classes the learner has for it; convert the column with .astype(object) to encode it by value')
+            return np.where(codes < len(classes), codes, 0)
         return pd.Categorical(col, categories=classes[1:]).codes.astype(np.int64) + 1
     a,lut = np.asarray(col),lut or _lut(classes)
     if a.dtype==bool: return np.where(a, lut.get(True, 0), lut.get(False, 0)).astype(np.int64)
@@ -126,6 +134,8 @@ class TabProcs:
         self.cat_names,self.cont_names,self.classes = t['cat_names'],t['cont_names'],t['classes']
         self.fill,self.add_col,self.fill_missing = t['fill'],t['add_col'],t['fill_missing']
         self.means,self.stds = t['means'],t['stds']
+        # fastai normalizes with its means' dtype: float32 where every continuous column was float32 after `df_shrink`
+        self.norm_dtype = np.dtype(t.get('norm_dtype', 'float64'))
         # the `<col>_na` columns `FillMissing` adds to the categorical ones are computed, not read
         self.na_cols = {f'{c}_na': c for c in self.fill} if self.add_col else {}
         self.inputs = [c for c in self.cat_names if c not in self.na_cols] + list(self.cont_names)
@@ -139,8 +149,9 @@ class TabProcs:
         "`(conts, flags)` of one dict row, computed as `encode` does column by column; `None` where the column pass must name a problem"
         try: vals = [row[c] for c in self.cont_names]
         except KeyError: return None
-        # numpy would parse the string '1.5': only numbers (and None, a missing value) take this path
-        if not all(v is None or (isinstance(v, numbers.Number) and not isinstance(v, complex)) for v in vals): return None
+        # numpy would parse the string '1.5': only Python's floats and ints (and None, a missing value) take this path, as
+        # float64; a bool, or a numpy float32 that float32 means keep in float32, takes the column pass
+        if not all(v is None or isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool)) for v in vals): return None
         a = np.array(vals, dtype=np.float64)
         miss = np.isnan(a)
         if miss.any():
@@ -161,14 +172,18 @@ class TabProcs:
         if one is not None: conts,flags = one
         for c in (self.cont_names if one is None else []):
             a = _floats(t.col(c), c, bad, off, n)
+            # numpy's promotion, as pandas does fastai's arithmetic: a float32 (or int16) column less float32 means stays
+            # float32, an int64 or float64 one is float64; the casts are exact
+            a = a.astype(np.result_type(a.dtype, self.norm_dtype) if c in self.means else np.float64)
+            dt = a.dtype.type
             miss = np.isnan(a)
             if c in self.fill:
-                if miss.any(): a = np.where(miss, np.float64(self.fill[c]), a)
+                if miss.any(): a = np.where(miss, dt(self.fill[c]), a)
                 flags[c] = miss
             elif self.fill_missing and miss.any():
                 for i in np.flatnonzero(miss): bad.setdefault(off+int(i), f'row {off+int(i)}: column {c!r} is missing a value (NaN), '
                                                               'and had none in training, so the learner has no fill value for it')
-            if c in self.means: a = (a - np.float64(self.means[c])) / np.float64(self.stds[c])
+            if c in self.means: a = (a - dt(self.means[c])) / dt(self.stds[c])
             conts.append(a)
         cats = [_codes(flags[self.na_cols[c]] if c in self.na_cols else t.col(c), self.classes[c], c, bad, off, n, self._warn, self.luts.get(c)) for c in self.cat_names]
         cats = np.stack(cats, 1) if cats else np.zeros((n, 0), np.int64)
@@ -202,6 +217,7 @@ def check_tab_spec(spec:dict)->dict:
         if extra: _fail(f'field {k!r} names columns that are not continuous: {sorted(extra)}')
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in t[k].values()): _fail(f'field {k!r} holds a value that is not a number')
     if set(t['means'])!=set(t['stds']): _fail('has means and stds for different columns')
+    if t.get('norm_dtype', 'float64') not in ('float32', 'float64'): _fail(f"field 'norm_dtype' is {t['norm_dtype']!r}, not 'float32' or 'float64'")
     if spec.get('task') not in TAB_TASKS: _fail(f"task {spec.get('task')!r} is not one of {TAB_TASKS}")
     if spec['task'] in ('single', 'multi') and not spec.get('vocab'): _fail(f"is a {spec['task']} model without a vocab")
     if not isinstance(spec.get('y_names'), list): _fail('has no list of `y_names`')

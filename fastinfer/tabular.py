@@ -61,7 +61,8 @@ def tab_spec(learn:Learner, precision:str='fp32')->dict:
     tab = dict(cat_names=list(to.cat_names), cont_names=cont,
                classes={c: ['#na#'] + [_native(v) for v in cat.classes[c][1:]] for c in to.cat_names},
                fill={c: float(v) for c,v in fm.na_dict.items()} if fm else {}, add_col=bool(fm.add_col) if fm else False, fill_missing=fm is not None,
-               means={c: float(nm.means[c]) for c in cont} if nm else {}, stds={c: float(nm.stds[c]) for c in cont} if nm else {})
+               means={c: float(nm.means[c]) for c in cont} if nm else {}, stds={c: float(nm.stds[c]) for c in cont} if nm else {},
+               norm_dtype=str(np.result_type(*nm.means.values(), *nm.stds.values())) if nm and cont else 'float64')
     return check_spec(dict(format=FORMAT, version=2, kind='tabular', task=task, vocab=vocab, thresh=thresh, y_names=list(to.y_names),
         precision=precision, tabular=tab, versions=dict(fastinfer=fastinfer.__version__, torch=torch.__version__, fastai=fastai.__version__)))
 

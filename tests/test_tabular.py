@@ -121,6 +121,36 @@ def test_quirks(root_single=None):
         res = learn.fast_get_preds(d, with_input=True, backend='torch')
     eq(res[0][0], ref[0][0]); eq(res[1], ref[1])
 
+@pytest.mark.parametrize('backend', ['torch', 'onnxruntime', 'openvino'])
+def test_category_code_past_the_classes(backend):
+    "a pandas category column with more categories than the learner has classes: a row whose code has no embedding raises naming row and column on every backend (OpenVINO had answered from zeros), or is skipped keeping every other row"
+    learn,df = _cache.get('single') or tab_learner('single')
+    d = feats(df).iloc[:12].copy()
+    d['cat_s'] = d.cat_s.astype(pd.CategoricalDtype(learn.fast_tab.classes['cat_s'][1:] + ['purple']))
+    d.loc[d.index[3], 'cat_s'] = 'purple'
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # the category dtype's own warning, tested in `test_quirks`
+        with pytest.raises(RowError, match=r"row 3: column 'cat_s' is a pandas category whose value 'purple' has the code 5, past the 5 classes"):
+            learn.fast_get_preds(d, backend=backend)
+        preds,_,errors = learn.fast_get_preds(d, backend=backend, on_error='skip')
+        ref = fastai_preds(learn, d.drop(index=d.index[3]))  # fastai fails on the whole table (IndexError): its answers without the row
+    eq([i for i,_ in errors], [3]); eq(len(preds), 12)
+    assert torch.isnan(preds[3]).all()
+    assert max_dp(preds[[i for i in range(12) if i!=3]], ref[1]) <= EPS
+
+def test_float32_means():
+    "every continuous column float, so fastai's means are float32 (`df_shrink`): a float32, float16 or int16 column is normalized in float32 as fastai does it, bit for bit, by the learner and by the exported spec"
+    learn,df = tab_learner('allfloat')
+    eq(tab_spec(learn)['tabular']['norm_dtype'], 'float32')
+    d = feats(df).iloc[:64].copy()
+    d['x0'],d['x1'],d['x3'] = d.x0.astype('float32'),d.x1.astype('float16'),(d.x3*10).astype('int16')  # x0, x1 have NaN to fill
+    ref = fastai_preds(learn, d)
+    res = learn.fast_get_preds(d, with_input=True, backend='torch')
+    eq(res[0][1], ref[0][1]); eq(res[1], ref[1])
+    from fastinfer.tabproc import TabProcs
+    cats,conts,_ = TabProcs(json.loads(json.dumps(tab_spec(learn)))).encode(d)  # what the torch-free runtime reads from the file
+    eq(torch.from_numpy(conts), ref[0][1]); eq(torch.from_numpy(cats), ref[0][0])
+
 def test_bad_rows(tab):
     "a missing column, NaN where training had none, a value that is not a number: raise naming row and column, or skip keeping every row"
     kind,learn,df = tab
