@@ -154,9 +154,8 @@ class TabProcs:
         if not all(v is None or isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool)) for v in vals): return None
         a = np.array(vals, dtype=np.float64)
         miss = np.isnan(a)
-        if miss.any():
-            if self.fill_missing and (miss & ~self.has_fill).any(): return None
-            a = np.where(miss & self.has_fill, self.fill_v, a)
+        if (miss & ~self.has_fill).any() or np.isinf(a).any(): return None  # the column pass names the row and the column
+        if miss.any(): a = np.where(miss, self.fill_v, a)
         # x-0 and x/1 are exact: the columns without `Normalize` keep their values, as in the column pass
         a = (a - self.mean_v)/self.std_v
         return a.astype(np.float32)[None],{c: miss[i:i+1] for i,c in enumerate(self.cont_names) if c in self.fill}
@@ -180,9 +179,13 @@ class TabProcs:
             if c in self.fill:
                 if miss.any(): a = np.where(miss, dt(self.fill[c]), a)
                 flags[c] = miss
-            elif self.fill_missing and miss.any():
-                for i in np.flatnonzero(miss): bad.setdefault(off+int(i), f'row {off+int(i)}: column {c!r} is missing a value (NaN), '
-                                                              'and had none in training, so the learner has no fill value for it')
+            elif miss.any():
+                # fastai fails on these rows (`FillMissing`'s assertion), or, with no `FillMissing`, gives them NaN probabilities
+                # and class 0; OpenVINO gave them real-looking ones
+                why = 'had none in training, so the learner has no fill value for it' if self.fill_missing else 'the learner has no FillMissing to fill it'
+                for i in np.flatnonzero(miss): bad.setdefault(off+int(i), f'row {off+int(i)}: column {c!r} is missing a value (NaN), and {why}')
+            for i in np.flatnonzero(np.isinf(a)):  # every engine answers NaN probabilities and class 0 for it
+                bad.setdefault(off+int(i), f'row {off+int(i)}: column {c!r} is {a[i]}, and the model can only answer NaN for it')
             if c in self.means: a = (a - dt(self.means[c])) / dt(self.stds[c])
             conts.append(a)
         cats = [_codes(flags[self.na_cols[c]] if c in self.na_cols else t.col(c), self.classes[c], c, bad, off, n, self._warn, self.luts.get(c)) for c in self.cat_names]

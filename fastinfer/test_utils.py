@@ -151,7 +151,7 @@ def synth_table(n:int=400, seed:int=0)->pd.DataFrame:
     return df
 
 def tab_learner(kind:str='single', path=None, n:int=400, epochs:int=1, seed:int=0)->tuple:
-    "A `tabular_learner` of `kind` (one of `TAB_KINDS`, or 'allfloat') on `synth_table`, exported and reloaded; also returns its table"
+    "A `tabular_learner` of `kind` (one of `TAB_KINDS`, 'allfloat' or 'nofill') on `synth_table`, exported and reloaded; also returns its table"
     from fastai.tabular.all import TabularDataLoaders, tabular_learner, Categorify, FillMissing, FillStrategy, Normalize, MultiCategoryBlock
     path = Path(path or tempfile.mkdtemp(prefix='fastinfer-'))
     path.mkdir(parents=True, exist_ok=True)
@@ -166,7 +166,8 @@ def tab_learner(kind:str='single', path=None, n:int=400, epochs:int=1, seed:int=
     elif kind=='mode': procs = [Categorify, FillMissing(fill_strategy=FillStrategy.mode, add_col=False)]
     elif kind=='constant': procs = [Categorify, FillMissing(fill_strategy=FillStrategy.constant, fill_vals={'x0': -1, 'x1': 2.5}), Normalize]
     elif kind=='allfloat': conts = ['x0', 'x1', 'x3']  # every continuous column float: fastai's means are float32 (`df_shrink`)
-    elif kind!='single': raise ValueError(f"unknown kind {kind!r}: expected one of {TAB_KINDS} or 'allfloat'")
+    elif kind=='nofill': df,procs = df.dropna(subset=['x0', 'x1']),[Categorify, Normalize]  # no `FillMissing`, and no NaN to train on
+    elif kind!='single': raise ValueError(f"unknown kind {kind!r}: expected one of {TAB_KINDS}, 'allfloat' or 'nofill'")
     dls = TabularDataLoaders.from_df(df, path=path, cat_names=list(cats), cont_names=list(conts), y_names=y, procs=procs, bs=64, **kw)
     learn = tabular_learner(dls, layers=[32, 16], **lkw)
     if epochs:

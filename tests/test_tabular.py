@@ -138,6 +138,23 @@ def test_category_code_past_the_classes(backend):
     assert torch.isnan(preds[3]).all()
     assert max_dp(preds[[i for i in range(12) if i!=3]], ref[1]) <= EPS
 
+@pytest.mark.parametrize('backend', ['torch', 'onnxruntime', 'openvino'])
+def test_nan_without_fillmissing(backend):
+    "no `FillMissing`: a NaN is a bad row named with its column, on every backend (fastai answers NaN and class 0; OpenVINO answered real-looking probabilities), and so is an infinite value"
+    learn,df = _cache.get('nofill') or _cache.setdefault('nofill', tab_learner('nofill'))
+    d = feats(df).iloc[:10].copy()
+    d.loc[d.index[2], 'x0'],d.loc[d.index[4], 'x1'] = np.nan,-np.inf
+    with pytest.raises(RowError, match=r"row 2: column 'x0' is missing a value \(NaN\), and the learner has no FillMissing to fill it"):
+        learn.fast_get_preds(d, backend=backend)
+    with pytest.raises(RowError, match=r"row 0: column 'x0' is missing a value"): learn.fast_predict(dict(d.iloc[2]), backend=backend)
+    preds,_,dec,errors = learn.fast_get_preds(d, backend=backend, on_error='skip', with_decoded=True)
+    eq(errors[1], (4, "row 4: column 'x1' is -inf, and the model can only answer NaN for it"))
+    eq([i for i,_ in errors], [2, 4]); eq(dec[[2, 4]].tolist(), [-1, -1])
+    ref = fastai_preds(learn, d)
+    assert torch.isnan(ref[1][[2, 4]]).all()  # fastai's answer for them
+    keep = [i for i in range(10) if i not in (2, 4)]
+    assert max_dp(preds[keep], ref[1][keep]) <= EPS; eq(dec[keep], ref[3][keep])
+
 def test_float32_means():
     "every continuous column float, so fastai's means are float32 (`df_shrink`): a float32, float16 or int16 column is normalized in float32 as fastai does it, bit for bit, by the learner and by the exported spec"
     learn,df = tab_learner('allfloat')
