@@ -32,13 +32,14 @@ def _is_pd(o, name:str)->bool: return type(o).__module__.split('.')[0]=='pandas'
 def _scalar(v)->bool: return not isinstance(v, (list, tuple, np.ndarray)) and not _is_pd(v, 'Series')
 
 class Table:
-    "Rows as columns: a DataFrame, a `pd.Series` or dict (one row), a dict of columns, or a list of dict rows"
+    "Rows as columns: a DataFrame, a `pd.Series` or dict (one row), a dict of columns (lists, arrays or Series, nothing else), or a list of dict rows"
     def __init__(self, rows):
         self.row = None  # one row (a Series or a dict of values) is kept as a dict, and its columns made on demand
         if _is_pd(rows, 'DataFrame'): self.cols,self.n = rows,len(rows)
         # `dict(series)` indexes the Series once a column: 11 ms at 3,000 columns, against 3 for `tolist`
         elif _is_pd(rows, 'Series'): self.row,self.cols,self.n = dict(zip(rows.index, rows.tolist())),None,1
-        elif isinstance(rows, dict) and all(_scalar(v) for v in rows.values()): self.row,self.cols,self.n = dict(rows),None,1
+        # a dict of columns has nothing but columns: one with a scalar too is one row, and its list a bad value it names
+        elif isinstance(rows, dict) and (not rows or any(_scalar(v) for v in rows.values())): self.row,self.cols,self.n = dict(rows),None,1
         elif isinstance(rows, dict):
             self.cols = {k: v if _is_pd(v, 'Series') or isinstance(v, np.ndarray) else np.array(list(v), dtype=object) for k,v in rows.items()}
             ns = {len(v) for v in self.cols.values()}
@@ -52,7 +53,10 @@ class Table:
     def __len__(self): return self.n
     def col(self, name):
         "Column `name` (a pandas Series or a numpy array), or `None` if there is none"
-        if self.row is not None: return np.array([self.row[name]], dtype=object) if name in self.row else None
+        if self.row is not None:
+            if name not in self.row: return None
+            a = np.empty(1, object); a[0] = self.row[name]  # a list stays one value
+            return a
         if _is_pd(self.cols, 'DataFrame'): return self.cols[name] if name in self.cols.columns else None
         return self.cols.get(name)
     def slice(self, s:int, e:int)->Table:

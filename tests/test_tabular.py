@@ -186,6 +186,10 @@ def test_bad_rows(tab):
         d = df.iloc[:6].copy(); d.loc[d.index[2], 'x3'] = np.nan
         with pytest.raises(RowError, match=r"row 2: column 'x3' is missing a value \(NaN\), and had none in training"): learn.fast_get_preds(d)
         with pytest.raises(RowError, match="column 'x2' is missing"): learn.fast_predict({k:v for k,v in dict(df.iloc[0]).items() if k!='x2'})
+        # one dict row with a list in it (a JSON row, say) is that row with a bad value, not a dict of columns
+        row = dict(feats(df).iloc[0])
+        with pytest.raises(RowError, match=r"row 0: column 'x0' is continuous, and \[1, 2\] is not a number"): learn.fast_predict(dict(row, x0=[1, 2]))
+        with pytest.raises(RowError, match=r"row 0: column 'cat_s' has the unhashable value \['red'\]"): learn.fast_predict(dict(row, cat_s=['red']))
 
 def test_export_onnx(tab, tmp_path):
     "each kind to one ONNX file, loaded by `fastinfer.runtime` (ONNX Runtime and OpenVINO) in a process where torch and fastai cannot be imported: the same answers"
