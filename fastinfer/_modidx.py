@@ -73,6 +73,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'fastinfer.core.item_error': ('core.html#item_error', 'fastinfer/core.py'),
                                 'fastinfer.core.learner_device': ('core.html#learner_device', 'fastinfer/core.py'),
                                 'fastinfer.core.learner_spec': ('core.html#learner_spec', 'fastinfer/core.py'),
+                                'fastinfer.core.needs_vision': ('core.html#needs_vision', 'fastinfer/core.py'),
                                 'fastinfer.core.reload_learner': ('core.html#reload_learner', 'fastinfer/core.py'),
                                 'fastinfer.core.size_spec': ('core.html#size_spec', 'fastinfer/core.py')},
             'fastinfer.demo': { 'fastinfer.demo._best': ('demo.html#_best', 'fastinfer/demo.py'),

@@ -13,8 +13,8 @@ from PIL import Image
 from .runtime import item_desc, item_message, image_size, FORMAT, VERSION, check_spec
 
 # %% auto #0
-__all__ = ['ItemError', 'item_error', 'is_vision', 'InferPipes', 'size_spec', 'learner_spec', 'Transient', 'fi_state',
-           'reload_learner', 'learner_device']
+__all__ = ['ItemError', 'item_error', 'is_vision', 'needs_vision', 'InferPipes', 'size_spec', 'learner_spec', 'Transient',
+           'fi_state', 'reload_learner', 'learner_device']
 
 # %% ../nbs/00_core.ipynb #7a7bc9bf
 class ItemError(ValueError):
@@ -31,6 +31,13 @@ def is_vision(dls)->bool:
     if not isinstance(ds, Datasets) or not hasattr(dls, 'valid'): return False
     outs = [tl.types[-1] for tl in ds.tls[:dls.n_inp] if getattr(tl, 'types', None)]
     return len(outs)==dls.n_inp and all(isinstance(t, type) and issubclass(t, PILBase) for t in outs)
+
+def needs_vision(dls, what:str):
+    "Raise a `NotImplementedError` that says so unless `dls` hold images: `what` runs fastai's image pipelines"
+    if is_vision(dls): return
+    kind = type(getattr(dls, 'valid_ds', dls)).__name__
+    tab = '; a tabular learner has fast_get_preds, fast_predict, fast_iter_preds and export_onnx' if kind=='TabularPandas' else ''
+    raise NotImplementedError(f"{what} needs a vision learner, and this one's data is a {kind}{tab}")
 
 # %% ../nbs/00_core.ipynb #72a19ee1
 class InferPipes:
@@ -129,8 +136,9 @@ def _task(learn)->tuple:
 
 def learner_spec(learn:Learner, precision:str='fp32')->dict:
     "The JSON spec of `learn`'s input, validation-mode size transform and task: what an export carries and a `Predictor` decodes with"
+    needs_vision(learn.dls, 'this export')
+    if learn.dls.n_inp!=1: raise ValueError('export needs a vision learner with one image input')
     p = learn.fast_pipes
-    if not is_vision(learn.dls) or learn.dls.n_inp!=1: raise ValueError('export needs a vision learner with one image input')
     task,vocab,thresh = _task(learn)
     import fastai, fastinfer
     return check_spec(dict(format=FORMAT, version=VERSION, input=dict(mode=p.modes[0]), resize=size_spec(p.after_item), task=task,
@@ -152,6 +160,8 @@ def fi_state(o)->Transient:
 @patch(as_prop=True)
 def fast_pipes(self:Learner)->InferPipes:
     "`InferPipes` of the learner's current `dls`, built on first use and reused"
+    # raised here, not as an AttributeError from inside the property, which `Learner.__getattr__` would report as the model's
+    needs_vision(self.dls, "fastinfer's image pipeline")
     st = fi_state(self)
     p = st.get('pipes')
     if p is None or p.dls is not self.dls: p = st['pipes'] = InferPipes(self.dls)

@@ -47,7 +47,7 @@ def quantize(self:Learner,
         from onnxruntime.quantization import quantize_static, QuantFormat, QuantType
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError as e: raise ImportError('quantize needs ONNX Runtime and onnx: `pip install onnxruntime onnx`') from e
-    if not is_vision(self.dls): raise NotImplementedError('quantize needs a vision learner')
+    needs_vision(self.dls, 'quantize')
     if is_onnx(self.model): raise ValueError('this learner is quantized already')
     p,name = self.fast_pipes,type(self.model).__name__
     batches = [_plain(bt.b[:p.n_inp]) for bt in islice(fast_batches(_items(calib_items), p, bs), n_batches)]

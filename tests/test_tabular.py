@@ -234,6 +234,13 @@ def test_spec_validation(tmp_path):
         load(lie({**spec, 'tabular': {**t, 'cont_names': t['cont_names'][:3], 'fill': {}, 'means': {}, 'stds': {}}}, 'c.onnx'))
     with pytest.raises(ValueError, match='unknown fastinfer export format version 3'): load(lie({**spec, 'version': 3}, 'd.onnx'))
 
+def test_vision_only_methods(tmp_path):
+    "the methods that run image pipelines say so, and name the tabular ones, instead of an AttributeError about `TabularModel`"
+    learn,df = _cache.get('single') or tab_learner('single')
+    for what,f in [('quantize', lambda: learn.quantize(df.iloc[:8])), ('fast_tta', lambda: learn.fast_tta(df.iloc[:8])),
+                   ('this export', lambda: learn.export_jit(tmp_path/'m.pt')), ('this export', lambda: learn.export_program(tmp_path/'m.pt2'))]:
+        with pytest.raises(NotImplementedError, match=f"{what} needs a vision learner, and this one's data is a TabularPandas; a tabular learner has fast_get_preds"): f()
+
 def test_other_procs_fall_back(tmp_path):
     "a proc fastinfer does not reproduce: fastai's own answers, with one warning that names it"
     from fastai.tabular.all import TabularDataLoaders, tabular_learner, Categorify, TabularProc
