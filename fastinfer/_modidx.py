@@ -227,6 +227,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'fastinfer.preds.auto_workers': ('preds.html#auto_workers', 'fastinfer/preds.py'),
                                  'fastinfer.preds.bf16_preds': ('preds.html#bf16_preds', 'fastinfer/preds.py'),
                                  'fastinfer.preds.fast_batches': ('preds.html#fast_batches', 'fastinfer/preds.py'),
+                                 'fastinfer.preds.not_a_loader': ('preds.html#not_a_loader', 'fastinfer/preds.py'),
                                  'fastinfer.preds.prefetch': ('preds.html#prefetch', 'fastinfer/preds.py')},
             'fastinfer.quant': { 'fastinfer.quant.Learner.quantize': ('quant.html#learner.quantize', 'fastinfer/quant.py'),
                                  'fastinfer.quant._calib_reader': ('quant.html#_calib_reader', 'fastinfer/quant.py'),

@@ -18,8 +18,8 @@ from fastprogress.fastprogress import progress_bar
 from PIL import Image
 
 # %% auto #0
-__all__ = ['Batch', 'WORKER_TIMEOUT', 'NW_MIN_ITEMS', 'Failed', 'ItemsDataset', 'prefetch', 'fast_batches', 'auto_workers',
-           'LearnerPredictor', 'bf16_preds']
+__all__ = ['Batch', 'WORKER_TIMEOUT', 'NW_MIN_ITEMS', 'Failed', 'ItemsDataset', 'prefetch', 'fast_batches', 'not_a_loader',
+           'auto_workers', 'LearnerPredictor', 'bf16_preds']
 
 # %% ../nbs/01_preds.ipynb #f2c489ce
 class Failed:
@@ -115,6 +115,12 @@ def fast_batches(items, pipes:InferPipes, bs:int=64, num_workers:int=0, device=N
         k += 1
 
 # %% ../nbs/01_preds.ipynb #721754ea
+def not_a_loader(items):
+    "Refuse a DataLoader (the habit of `get_preds(dl=dls.test_dl(items))`), saying what to pass instead"
+    if isinstance(items, (DataLoader, TorchDL)):
+        raise TypeError(f'fastinfer takes the items themselves, not a {type(items).__name__}: pass what you would give `test_dl` '
+                        '(file paths, images, bytes; for a table, the DataFrame), and it batches them with the validation pipelines')
+
 def _items(items, vision=True):
     "`items` as a list (as they are for fastai's own path), refusing an empty one"
     if vision and not isinstance(items, (list, L)): items = list(items)
@@ -242,6 +248,7 @@ def fast_iter_preds(self:Learner,
     **kwargs # `act`, `device`, `num_workers`, `precision`, `backend`, `compile`, `fast_decode`, as in `fast_get_preds`
 ):
     "Yield `(indices, preds, decoded)` a batch at a time, in input order, with flat memory however many items (or table rows)"
+    not_a_loader(items)
     if self._fast_tabular(): return (yield from self._fast_tab_iter_preds(items, ifnone(bs, 4096), on_error, **kwargs))
     if not is_vision(self.dls): raise NotImplementedError('fast_iter_preds needs a vision or tabular learner: use fast_get_preds')
     bs = ifnone(bs, 64)
@@ -276,6 +283,7 @@ def fast_get_preds(self:Learner,
 )->tuple:
     "What `get_preds(dl=dls.test_dl(items, bs=bs), ...)` returns, without `test_dl` or callbacks; for a tabular learner `items` is a DataFrame"
     if orig_size and not fully_decoded: raise ValueError('orig_size=True maps the fully decoded outputs: pass fully_decoded=True too')
+    not_a_loader(items)
     if self._fast_tabular():
         # eager torch rounds a row differently in batches of another size: `backend='torch'` batches as `test_dl` does, to be bit-identical
         bs = ifnone(bs, self.dls.valid.bs if backend=='torch' else 4096)

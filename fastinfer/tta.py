@@ -35,7 +35,7 @@ def fast_tta(self:Learner,
     **kwargs # `act`, `device`, `precision`, `fast_decode`, as in `fast_get_preds`
 )->tuple:
     "fastai's `tta` over `items`: `(preds, None)`, plus decoded outputs as `fast_get_preds` returns them"
-    needs_vision(self.dls, 'fast_tta')
+    needs_vision(self.dls, 'fast_tta'); not_a_loader(items)
     items,decodes = L(items),getcallable(self.loss_func, 'decodes')
     if not len(items): raise ValueError('`items` is empty: there is nothing to predict')
     plain,xbs = [],[]

@@ -60,6 +60,16 @@ def test_bad_on_error(single):
     learn,files = single
     with pytest.raises(ValueError, match="expected 'raise' or 'skip'"): learn.fast_get_preds(files[:2], on_error='ignore')
 
+def test_a_dataloader_is_refused(single, root):
+    "`get_preds(dl=dls.test_dl(items))`'s habit: a DataLoader, vision's or a table's, is refused saying what to pass"
+    from fastinfer.test_utils import tab_learner
+    learn,files = single
+    tl,df = tab_learner('single', root/'tab-dl')
+    for l,dl in ((learn, learn.dls.test_dl(files[:4])), (tl, tl.dls.test_dl(df.iloc[:4]))):
+        for f in (lambda: l.fast_get_preds(dl), lambda: list(l.fast_iter_preds(dl))):
+            with pytest.raises(TypeError, match=f'fastinfer takes the items themselves, not a {type(dl).__name__}: pass what you would give `test_dl`'): f()
+    with pytest.raises(TypeError, match='not a TfmdDL'): learn.fast_tta(learn.dls.test_dl(files[:4]))
+
 def test_iter_preds_in_order(single):
     learn,files = single
     items = files*3
