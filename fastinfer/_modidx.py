@@ -394,6 +394,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'fastinfer.tabular.Learner._fast_tab_preds': ( 'tabular.html#learner._fast_tab_preds',
                                                                                   'fastinfer/tabular.py'),
                                    'fastinfer.tabular.Learner._tab_full': ('tabular.html#learner._tab_full', 'fastinfer/tabular.py'),
+                                   'fastinfer.tabular.Learner._tab_targets': ('tabular.html#learner._tab_targets', 'fastinfer/tabular.py'),
                                    'fastinfer.tabular.Learner._tab_width': ('tabular.html#learner._tab_width', 'fastinfer/tabular.py'),
                                    'fastinfer.tabular.Learner.fast_tab': ('tabular.html#learner.fast_tab', 'fastinfer/tabular.py'),
                                    'fastinfer.tabular.LearnerTabModel': ('tabular.html#learnertabmodel', 'fastinfer/tabular.py'),

@@ -103,7 +103,7 @@ def _tab_batches(procs, t:Table, bs:int, off:int=0, on_error='raise'):
 def _fast_tab_iter(self:Learner, rows, bs:int=4096, device=None, precision=None, backend='auto', on_error='raise', off:int=0):
     "Yield `(start, n, good, (cats, conts), out, bad)` a slice of `bs` rows at a time: `out` the model's raw fp32 outputs (CPU) for the `good` rows"
     if on_error not in ('raise', 'skip'): raise ValueError(f"on_error={on_error!r}: expected 'raise' or 'skip'")
-    procs,device,t = self.fast_tab,learner_device(self, device),Table(rows)
+    procs,device,t = self.fast_tab,learner_device(self, device),rows if isinstance(rows, Table) else Table(rows)
     if not len(t): raise ValueError('`rows` is empty: there is nothing to predict')
     for s,c,x,bad in _tab_batches(procs, t, bs, off, on_error):
         cats,conts,n = c,x,len(c)
@@ -145,8 +145,8 @@ def _fast_tab_preds(self:Learner, rows, bs=4096, with_input=False, with_decoded=
                     precision=None, backend='auto', on_error='raise')->tuple:
     "What `get_preds(dl=dls.test_dl(rows), ...)` returns for a tabular learner, without `test_dl`"
     act,decodes = ifnone(act, getcallable(self.loss_func, 'activation')),getcallable(self.loss_func, 'decodes')
-    outs,cats,conts,errors,width = [],[],[],[],None
-    for s,n,good,(c,x),out,bad in self._fast_tab_iter(rows, bs, device, precision, backend, on_error):
+    outs,cats,conts,errors,width,t = [],[],[],[],None,Table(rows)
+    for s,n,good,(c,x),out,bad in self._fast_tab_iter(t, bs, device, precision, backend, on_error):
         if out is None and width is None: width = self._tab_width()
         outs.append(_fill_out(out, n, good, width if out is None else out.shape[1:]))
         if with_input: cats.append(c); conts.append(x)
@@ -154,7 +154,7 @@ def _fast_tab_preds(self:Learner, rows, bs=4096, with_input=False, with_decoded=
     bad = [i for i,_ in errors]
     # activated once on the whole output, as fastai's `get_preds` does
     preds = act(torch.cat(outs))
-    res = [preds, None]
+    res = [preds, self._tab_targets(t)]
     if with_decoded or fully_decoded: dec = failed_rows(decodes(preds), bad)
     if with_decoded: res.append(dec)
     if fully_decoded:
@@ -166,6 +166,18 @@ def _fast_tab_preds(self:Learner, rows, bs=4096, with_input=False, with_decoded=
         if bad: c[bad],x[bad] = -1,float('nan')
         res = [(c, x)] + res
     return tuple(res + [errors]) if on_error=='skip' else tuple(res)
+
+@patch
+def _tab_targets(self:Learner, t:Table):
+    "The targets fastai's `test_dl` carries where the rows of `t` hold every target column (`get_preds`' second element), else `None`"
+    y,yp = list(self.dls.valid_ds.y_names),first(p for p in self.dls.valid_ds.procs.fs if isinstance(p, _YPROCS))
+    # fastai's `MultiCategorize` leaves a table's label lists as they are, and its `tensor` then fails on them
+    if not y or t.row is not None or any(t.col(c) is None for c in y) or type(yp) is MultiCategorize: return None
+    df = t.cols[y] if isinstance(t.cols, pd.DataFrame) else pd.DataFrame({c: t.col(c) for c in y}).infer_objects()
+    if type(yp) is Categorize:  # fastai's `_apply_cats` with no `#na#`: a label outside the vocab is -1
+        df = pd.DataFrame({c: v.cat.codes if isinstance(v.dtype, pd.CategoricalDtype) else pd.Categorical(v, categories=list(yp.vocab)).codes
+                           for c,v in df.items()})
+    return tensor(df)  # fastai's `tensor(to.targ)`: the columns' own dtype, float64 made float32
 
 # %% ../nbs/05a_tabular.ipynb #1c73a9ce
 @patch

@@ -48,6 +48,19 @@ def test_get_preds_parity(tab, backend):
     if kind.startswith('regression'): close(res[3], ref[3], eps=EPS)
     else: eq(res[3], ref[3])
 
+def test_targets(tab):
+    "rows that hold the target columns: `get_preds`' second element is fastai's targets, their dtype and shape included"
+    kind,learn,df = tab
+    d = df.iloc[:50].copy()
+    ref,res = fastai_preds(learn, d),learn.fast_get_preds(d, with_input=True, with_decoded=True)
+    assert ref[2] is not None
+    eq(res[2].dtype, ref[2].dtype); eq(res[2], ref[2])
+    eq(learn.fast_get_preds([dict(r) for _,r in d.iloc[:5].iterrows()])[1], ref[2][:5])  # dict rows with their targets too
+    eq(learn.fast_get_preds(feats(d))[1], None)  # no target columns, no targets: as fastai
+    if kind=='single':  # a label the vocab lacks is `_apply_cats`' -1 (fastai's own loss then fails on it)
+        d['y'] = d.y.astype(object); d.loc[d.index[1], 'y'] = 'never seen'
+        eq(learn.fast_get_preds(d)[1][:3, 0].tolist(), [ref[2][0, 0].item(), -1, ref[2][2, 0].item()])
+
 def test_one_row_fast_path(tab):
     "one dict row (its continuous columns in one vectorised pass) encodes exactly as the same row of a DataFrame (column by column)"
     kind,learn,df = tab
