@@ -153,9 +153,9 @@ class TabProcs:
         "`(conts, flags)` of one dict row, computed as `encode` does column by column; `None` where the column pass must name a problem"
         try: vals = [row[c] for c in self.cont_names]
         except KeyError: return None
-        # numpy would parse the string '1.5': only Python's floats and ints (and None, a missing value) take this path, as
-        # float64; a bool, or a numpy float32 that float32 means keep in float32, takes the column pass
-        if not all(v is None or isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool)) for v in vals): return None
+        # numpy would parse the string '1.5': only numbers (and None, a missing value) take this path, in float64 as the
+        # column pass computes one row's values (an object array)
+        if not all(v is None or (isinstance(v, numbers.Number) and not isinstance(v, complex)) for v in vals): return None
         a = np.array(vals, dtype=np.float64)
         miss = np.isnan(a)
         if (miss & ~self.has_fill).any() or np.isinf(a).any(): return None  # the column pass names the row and the column
@@ -177,7 +177,7 @@ class TabProcs:
             a = _floats(t.col(c), c, bad, off, n)
             # numpy's promotion, as pandas does fastai's arithmetic: a float32 (or int16) column less float32 means stays
             # float32, an int64 or float64 one is float64; the casts are exact
-            a = a.astype(np.result_type(a.dtype, self.norm_dtype) if c in self.means else np.float64)
+            a = a.astype(np.result_type(a.dtype, self.norm_dtype) if c in self.means else np.float64, copy=False)
             dt = a.dtype.type
             miss = np.isnan(a)
             if c in self.fill:
