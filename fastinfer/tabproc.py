@@ -29,6 +29,8 @@ def _pd():
 
 def _is_pd(o, name:str)->bool: return type(o).__module__.split('.')[0]=='pandas' and type(o).__name__==name
 
+_NARROW = {np.float32, np.float16, np.int16, np.int8, np.uint16, np.uint8, np.bool_}  # numpy's float32 less float32 means stays float32
+
 def _scalar(v)->bool: return not isinstance(v, (list, tuple, np.ndarray)) and not _is_pd(v, 'Series')
 
 class Table:
@@ -37,7 +39,10 @@ class Table:
         self.row = None  # one row (a Series or a dict of values) is kept as a dict, and its columns made on demand
         if _is_pd(rows, 'DataFrame'): self.cols,self.n = rows,len(rows)
         # `dict(series)` indexes the Series once a column: 11 ms at 3,000 columns, against 3 for `tolist`
-        elif _is_pd(rows, 'Series'): self.row,self.cols,self.n = dict(zip(rows.index, rows.tolist())),None,1
+        # (a float32 Series keeps its numpy scalars: its values are computed in float32, as their columns would be)
+        elif _is_pd(rows, 'Series'):
+            vals = list(rows.to_numpy()) if rows.dtype.type in _NARROW else rows.tolist()
+            self.row,self.cols,self.n = dict(zip(rows.index, vals)),None,1
         # a dict of columns has nothing but columns: one with a scalar too is one row, and its list a bad value it names
         elif isinstance(rows, dict) and (not rows or any(_scalar(v) for v in rows.values())): self.row,self.cols,self.n = dict(rows),None,1
         elif isinstance(rows, dict):
@@ -148,13 +153,13 @@ class TabProcs:
         cn = self.cont_names
         self.fill_v,self.has_fill = np.array([self.fill.get(c, np.nan) for c in cn], np.float64),np.array([c in self.fill for c in cn], bool)
         self.mean_v,self.std_v = np.array([self.means.get(c, 0.) for c in cn], np.float64),np.array([self.stds.get(c, 1.) for c in cn], np.float64)
+        self.has_mean = [c in self.means for c in cn]
 
     def _conts_one(self, row:dict):
         "`(conts, flags)` of one dict row, computed as `encode` does column by column; `None` where the column pass must name a problem"
         try: vals = [row[c] for c in self.cont_names]
         except KeyError: return None
-        # numpy would parse the string '1.5': only numbers (and None, a missing value) take this path, in float64 as the
-        # column pass computes one row's values (an object array)
+        # numpy would parse the string '1.5': only numbers (and None, a missing value) take this path
         if not all(v is None or (isinstance(v, numbers.Number) and not isinstance(v, complex)) for v in vals): return None
         a = np.array(vals, dtype=np.float64)
         miss = np.isnan(a)
@@ -162,6 +167,13 @@ class TabProcs:
         if miss.any(): a = np.where(miss, self.fill_v, a)
         # x-0 and x/1 are exact: the columns without `Normalize` keep their values, as in the column pass
         a = (a - self.mean_v)/self.std_v
+        if self.norm_dtype==np.float32:
+            # a numpy float32 (or int16, bool) value, as a row of a float32 column holds, is computed in float32 as its column would be
+            i = np.array([k for k,v in enumerate(vals) if type(v) in _NARROW and self.has_mean[k]], dtype=np.int64)
+            if len(i):
+                v = np.array([vals[k] for k in i], np.float32)
+                v = np.where(miss[i], self.fill_v[i].astype(np.float32), v)
+                a[i] = (v - self.mean_v[i].astype(np.float32))/self.std_v[i].astype(np.float32)
         return a.astype(np.float32)[None],{c: miss[i:i+1] for i,c in enumerate(self.cont_names) if c in self.fill}
 
     def _warn(self, msg):

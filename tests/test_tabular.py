@@ -180,6 +180,8 @@ def test_float32_means():
     from fastinfer.tabproc import TabProcs
     cats,conts,_ = TabProcs(json.loads(json.dumps(tab_spec(learn)))).encode(d)  # what the torch-free runtime reads from the file
     eq(torch.from_numpy(conts), ref[0][1]); eq(torch.from_numpy(cats), ref[0][0])
+    for i in range(8):  # one row of the table (numpy float32, float16 and int16 values in it) is encoded as the table's row
+        eq(learn.fast_tab.encode(d.iloc[i])[1][0], conts[i])
 
 def test_bad_rows(tab):
     "a missing column, NaN where training had none, a value that is not a number: raise naming row and column, or skip keeping every row"
