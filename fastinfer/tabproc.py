@@ -317,8 +317,12 @@ class TabularPredictor(Outputs):
             yield np.arange(off+s, off+s+n),_nan_rows(probs, n, good),_nan_rows(self.decode(probs), n, good),sorted(bad.items())
 
     def frame(self, rows, bs:int=4096, on_error:str='raise', off:int=0, topk:int=1, keep=()):
-        "A DataFrame of the `keep` columns of `rows` (a DataFrame) and the prediction `out_columns` of each row, numbered from `off` in the errors"
+        "A DataFrame of the `keep` columns of `rows` (a DataFrame read from a file) and the prediction `out_columns` of each row, numbered from `off` in the errors"
         pd = _pd()
+        # a category column of a file is its storage (Parquet's dictionary, in the file's order), not codes a user chose to
+        # pass as fastai's quirk has it: read by value, or a file whose dictionary lists other classes would be mislabelled
+        cats = [c for c in self.procs.cat_names if c in rows and isinstance(rows[c].dtype, pd.CategoricalDtype)]
+        if cats: rows = rows.assign(**{c: rows[c].astype(object) for c in cats})
         res = list(self.iter_preds(rows, bs, on_error, off))
         cols = self.out_columns(np.concatenate([r[1] for r in res]), np.concatenate([r[2] for r in res]), [e for r in res for e in r[3]], off, topk)
         return pd.DataFrame({**{k: rows[k].to_numpy() for k in keep}, **cols})

@@ -62,6 +62,18 @@ def test_cli_table(kind, src, out, model, tmp_path, tmp_path_factory, capsys):
     o = pd.read_csv(tmp_path/'o.csv') if out=='csv' else pd.read_parquet(tmp_path/'o.parquet')
     check_out(learn, d, o, bad)
 
+def test_cli_parquet_categories_by_value(tmp_path, tmp_path_factory, capsys):
+    "a Parquet file's category column (pandas writes a dictionary, in its own order) is read by value: every label right, no codes warning"
+    learn,df,onnx,_ = tab('single', tmp_path_factory)
+    d = rows(df).drop(index=[4, 9]).reset_index(drop=True)
+    d['x2'] = d.x2.astype(int)
+    d.assign(cat_s=d.cat_s.astype(pd.CategoricalDtype(['red', 'grey', 'green', 'blue', '0']))).to_parquet(tmp_path/'in.parquet')
+    main(['predict', str(onnx), str(tmp_path/'in.parquet'), '-o', str(tmp_path/'o.csv'), '--id-col', 'id', '--chunk', '128'])
+    assert 'pandas category dtype' not in capsys.readouterr().err
+    o,(p,_,dec) = pd.read_csv(tmp_path/'o.csv'),learn.fast_get_preds(d, with_decoded=True, backend='torch')
+    eq(list(o['id']), list(d['id'])); eq(list(o['label']), [learn.dls.vocab[i] for i in dec.tolist()])
+    assert np.abs(o['probability'].to_numpy() - p.max(1).values.numpy()).max() <= EPS
+
 def test_cli_table_errors(tmp_path, tmp_path_factory):
     learn,df,onnx,_ = tab('single', tmp_path_factory)
     d = rows(df, 20)
