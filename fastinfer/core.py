@@ -160,11 +160,13 @@ def fi_state(o)->Transient:
 @patch(as_prop=True)
 def fast_pipes(self:Learner)->InferPipes:
     "`InferPipes` of the learner's current `dls`, built on first use and reused"
-    # raised here, not as an AttributeError from inside the property, which `Learner.__getattr__` would report as the model's
-    needs_vision(self.dls, "fastinfer's image pipeline")
     st = fi_state(self)
     p = st.get('pipes')
-    if p is None or p.dls is not self.dls: p = st['pipes'] = InferPipes(self.dls)
+    if p is None or p.dls is not self.dls:
+        # checked where the pipes are built, once per `dls`; raised here, not as an AttributeError from inside the property,
+        # which `Learner.__getattr__` would report as the model's
+        needs_vision(self.dls, "fastinfer's image pipeline")
+        p = st['pipes'] = InferPipes(self.dls)
     return p
 
 # %% ../nbs/00_core.ipynb #c2d43847
