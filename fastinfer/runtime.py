@@ -147,11 +147,14 @@ def cpu_count()->int:
     try: return len(os.sched_getaffinity(0))
     except AttributeError: return os.cpu_count() or 1
 
-# ONNX Runtime's threads spin after each run by default. Measured on a Zen 3 (resnet18, 2 threads): spinning made its own
-# bs-1 runs no faster (33 vs 29-31 ms) and bs 64 no faster (24.3 vs 24.1 ms an image), but the torch forward right
-# after it took 103 ms instead of 50: the user's other code, and fastinfer's decode thread, pay for the spin. Spinning
-# within a run but not after it (`session.force_spinning_stop`) was no faster either: bs 1 26.2 vs 26.6 ms, bs 64 23.1 vs 23.1
-ORT_SPIN = False
+# ONNX Runtime's threads spin while they wait for work, by default also for a while after each run. That spinning after a run
+# slowed whatever ran next (Zen 3, resnet18, 2 threads: a torch forward right after a bs-1 run took 103 ms instead of 50), so it
+# stops after each run (`session.force_spinning_stop`). Within a run they spin: with no spinning at all, a run that starts after
+# the cores idled (a request after a pause) paid to wake its threads at each op. Measured on a 2-core Xeon VM, bs-1 runs after a
+# 0.1 s sleep: 21.7 ms without spinning, 14.4 spinning within the run only, 12.6 back to back; the torch forward right after
+# took 24-25 ms either way (51 with the default spinning); `fast_predict` 18.8 ms against 29.0 (interleaved), bs 64 unchanged.
+# On the Zen 3, spinning within runs only was no faster (bs 1 26.2 vs 26.6 ms, bs 64 23.1 vs 23.1) and no slower
+ORT_SPIN = True
 
 class OrtModel:
     "An ONNX Runtime session for the ONNX model `model` (a path or bytes): numpy arrays in, numpy arrays out"
@@ -167,6 +170,7 @@ class OrtModel:
         opts.intra_op_num_threads,opts.inter_op_num_threads = self.threads or cpu_count(),1
         opts.log_severity_level = 3
         opts.add_session_config_entry('session.intra_op.allow_spinning', '1' if ORT_SPIN else '0')
+        opts.add_session_config_entry('session.force_spinning_stop', '1')
         self.sess = ort.InferenceSession(self.model, opts, providers=self.providers or ['CPUExecutionProvider'])
         self.inputs = [o.name for o in self.sess.get_inputs()]
 

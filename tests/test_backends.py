@@ -151,6 +151,16 @@ def test_one_torch_thread_while_ort_runs(single, monkeypatch):
     learn.fast_reset()  # an ONNX Runtime session built while torch is held at one thread still gets the user's count
     with engine.ort_threads(): eq(learn.fast_engine('onnxruntime', xb=(ref.new_zeros(2, 3, 40, 40),)).model.ort.threads, n)
 
+def test_ort_spins_within_runs_only(single):
+    "ONNX Runtime sessions (the learner's and the runtime's, built by the one `OrtModel`) spin within a run and stop after it"
+    from fastinfer.runtime import OrtModel, ORT_SPIN
+    learn,_ = single
+    m = learn.fast_engine('onnxruntime', xb=(torch.zeros(2, 3, 40, 40),)).model.ort
+    assert isinstance(m, OrtModel)
+    opts = m.sess.get_session_options()
+    eq(opts.get_session_config_entry('session.force_spinning_stop'), '1')  # threads left spinning slow what runs next
+    eq(opts.get_session_config_entry('session.intra_op.allow_spinning'), '1' if ORT_SPIN else '0')
+
 def test_prefetch_order_errors_and_early_stop():
     from fastinfer.preds import prefetch
     eq(list(prefetch(iter(range(50)))), list(range(50)))
