@@ -135,7 +135,7 @@ def _bench(learn, items, bs, n_rep, n_predict, compile, onnx, big, exports, int8
     backends = ['auto', 'torch'] + (['onnxruntime'] + (['openvino'] if has_openvino() else []) if onnx else []) + (['compile'] if compile else [])
     for prec in (None, 'bf16'):
         # bf16 rows: what 'auto' keeps, and each native-bf16 engine forced
-        for be in (backends if prec is None else ['auto'] + ((['torch'] + (['openvino'] if has_openvino() else [])) if native_bf16() else [])):
+        for be in (backends if prec is None else ['auto'] + ((['torch'] + (['openvino'] if onnx and has_openvino() else [])) if native_bf16() else [])):
             k = f"fastinfer {'default' if be=='auto' else 'backend=' + be}{' bf16' if prec else ''}"
             fs[k],modes[k] = fi(prec, be),(be, prec)
     # where bf16 falls back to fp32, what it would cost in accuracy on a CPU that has it (the same rounding; emulated, so slow)
