@@ -288,6 +288,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'fastinfer.runtime.mask_to_orig': ('runtime.html#mask_to_orig', 'fastinfer/runtime.py'),
                                    'fastinfer.runtime.native_bf16': ('runtime.html#native_bf16', 'fastinfer/runtime.py'),
                                    'fastinfer.runtime.open_image': ('runtime.html#open_image', 'fastinfer/runtime.py'),
+                                   'fastinfer.runtime.ov_core': ('runtime.html#ov_core', 'fastinfer/runtime.py'),
                                    'fastinfer.runtime.points_to_orig': ('runtime.html#points_to_orig', 'fastinfer/runtime.py'),
                                    'fastinfer.runtime.region': ('runtime.html#region', 'fastinfer/runtime.py'),
                                    'fastinfer.runtime.resize': ('runtime.html#resize', 'fastinfer/runtime.py'),

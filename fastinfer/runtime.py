@@ -13,8 +13,8 @@ from .tabproc import Outputs, TabularPredictor, check_tab_spec, _nan_rows
 # %% auto #0
 __all__ = ['FORMAT', 'VERSION', 'SPEC_FILE', 'BACKENDS', 'FILE_BACKENDS', 'BF16_FLAGS', 'ORT_SPIN', 'crop_pad', 'resize',
            'region', 'points_to_orig', 'mask_to_orig', 'check_spec', 'check_input_shape', 'cpu_flags', 'cpu_name',
-           'native_bf16', 'bf16_missing', 'cpu_count', 'OrtModel', 'OvModel', 'rt_model', 'TorchFileModel', 'item_desc',
-           'item_message', 'open_image', 'Predictor', 'result', 'image_size', 'load', 'check_tab_inputs']
+           'native_bf16', 'bf16_missing', 'cpu_count', 'OrtModel', 'ov_core', 'OvModel', 'rt_model', 'TorchFileModel',
+           'item_desc', 'item_message', 'open_image', 'Predictor', 'result', 'image_size', 'load', 'check_tab_inputs']
 
 # %% ../nbs/08_runtime.ipynb #7d8ff53c
 FORMAT,VERSION,SPEC_FILE = 'fastinfer-export',2,'fastinfer.json'  # version 2 added tabular exports (`kind='tabular'`)
@@ -217,6 +217,21 @@ def _ov_compile(core, net, model, cfg:dict):
     cache_put('openvino', key, buf.getvalue(), wait=False)
     return compiled
 
+# OpenVINO's CPU plugin (2026.4) installs a 20 kB alternate signal stack on the thread that makes it, and when its `Core` is
+# destroyed it puts back the stack it found there. With a `Core` per model, two destroyed in the order they were made left the
+# thread's alternate stack pointing at the first one's freed memory: the next signal to run a Python handler there (a DataLoader
+# worker's SIGCHLD) killed the process with SIGSEGV, raised by the kernel (SI_KERNEL) and with no traceback, as a
+# `fastinfer bench` run and the test suite sometimes did. One `Core` for the process makes one plugin, kept until exit
+_ov = dict(core=None, lock=threading.Lock())
+
+def ov_core():
+    "The process's one OpenVINO `Core`, made on first use and kept"
+    with _ov['lock']:
+        if _ov['core'] is None:
+            import openvino
+            _ov['core'] = openvino.Core()
+        return _ov['core']
+
 class OvModel:
     "An OpenVINO CPU model compiled from the ONNX model `model` (a path or bytes) at `precision` ('fp32' or 'bf16'): OrtModel's interface"
     name = 'openvino'
@@ -225,10 +240,10 @@ class OvModel:
         except ImportError as e: raise ImportError('OpenVINO is missing: pip install "fastinfer[openvino]"') from e
         self.model,self.threads,self.precision = model if isinstance(model, bytes) else str(model),threads,precision or 'fp32'
         if self.precision not in ('fp32', 'bf16'): raise ValueError(f"OpenVINO runs precision 'fp32' or 'bf16', not {precision!r}")
-        self._load(openvino)
+        self._load()
 
-    def _load(self, ov):
-        core = ov.Core()
+    def _load(self):
+        core = ov_core()
         self.net = core.read_model(io.BytesIO(self.model) if isinstance(self.model, bytes) else self.model)
         # 'f32' is explicit: on a CPU with native bf16 OpenVINO would otherwise run bf16 by default
         cfg = {'INFERENCE_PRECISION_HINT': 'bf16' if self.precision=='bf16' else 'f32', 'PERFORMANCE_HINT': 'LATENCY',
@@ -239,9 +254,7 @@ class OvModel:
         self.req,self.lock = self.compiled.create_infer_request(),threading.Lock()
 
     def __getstate__(self): return {k:v for k,v in self.__dict__.items() if k not in ('net', 'compiled', 'req', 'lock')}
-    def __setstate__(self, d):
-        import openvino
-        self.__dict__.update(d); self._load(openvino)
+    def __setstate__(self, d): self.__dict__.update(d); self._load()
 
     def __call__(self, *xs): return self.named(**dict(zip(self.inputs, xs)))
 

@@ -147,3 +147,21 @@ def test_learner_export_keeps_no_state(tmp_path):
     assert not any(k.startswith('_fi') and v for k,v in l2.__dict__.items()), [k for k in l2.__dict__ if k.startswith('_fi')]
     assert not any(k.startswith('_fi') and v for k,v in l2.model.__dict__.items())
     close(l2.fast_get_preds(files, bs=8)[0], ref, eps=1e-5)
+
+def test_openvino_models_freed_in_any_order(single, tmp_path):
+    "OpenVINO models made and freed in the order they were made leave the process able to run a Python signal handler"
+    # with a `Core` per model, OpenVINO's CPU plugin left the thread's alternate signal stack on freed memory: SIGSEGV, no traceback
+    learn,files = single
+    fn = learn.export_onnx(tmp_path/'m.onnx', example_items=files[:2])
+    code = f"""
+import gc, os, signal
+from fastinfer.runtime import rt_model
+a = rt_model({str(fn)!r}, backend='openvino'); b = rt_model({str(fn)!r}, backend='openvino')
+del a; gc.collect(); del b; gc.collect()
+got = []
+signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+os.kill(os.getpid(), signal.SIGUSR1)
+print('handled', len(got))
+"""
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    eq((r.returncode, r.stdout.split()[-2:]), (0, ['handled', '1']))
