@@ -6,10 +6,12 @@ from fastai.torch_core import TensorBase
 from fastcore.test import test_eq as eq, test_close as close
 from fastinfer.all import *
 from fastinfer.preds import LearnerPredictor
+from fastinfer.runtime import native_bf16
 from fastinfer.test_utils import unet_synth
 from conftest import as_saved
 
 EPS = 1e-5
+BF16_EPS = 2e-2  # bf16 keeps 8 bits of mantissa: the synthetic learners moved up to 5.1e-3 (segmentation), trained digits 2.1e-2
 FORCED = ['torch', 'onnxruntime'] + (['openvino'] if has_openvino() else [])
 
 def fastai_preds(learn, files):
@@ -91,3 +93,26 @@ def test_training_mode_everywhere(root, tmp_path):
         learn.model.train()
         p = load(f(tmp_path/f'm.{"onnx" if f==learn.export_onnx else "pt"}', example_items=files[:4]))
         assert np.abs(p.get_preds(files)[0] - ref.numpy()).max() <= 1e-4
+
+# torch's autocast rounds as native bf16 does, emulated or not; OpenVINO is asked for bf16 only where the CPU has it
+BF16 = ['torch'] + (['openvino'] if has_openvino() and native_bf16() else [])
+
+@pytest.mark.parametrize('backend', BF16)
+def test_bf16(kind_learner, backend, monkeypatch):
+    "`precision='bf16'` forced on each engine that runs it, as on a CPU with native bf16 (mocked where it is missing): fastai's types and inputs, fp32 outputs within bf16's rounding"
+    import fastinfer.engine as engine
+    monkeypatch.setattr(engine, 'native_bf16', lambda: True)
+    kind,learn,files = kind_learner
+    ref = fastai_preds(learn, files)
+    try:
+        res = as_saved(kind, learn).fast_get_preds(files, bs=16, with_input=True, with_decoded=True, precision='bf16', backend=backend)
+        eq([type(o) for o in res], [type(o) for o in ref])
+        eq(res[0], ref[0])
+        eq(res[1].dtype, ref[1].dtype)  # back in fp32, as fastai's
+        assert max_dp(res[1], ref[1]) <= BF16_EPS, (kind, max_dp(res[1], ref[1]))
+        with learn.no_bar(): r = learn.predict(files[0])
+        p = as_saved(kind, learn).fast_predict(files[0], precision='bf16', backend=backend)
+        eq([type(o) for o in p], [type(o) for o in r])
+        eq(p[2].dtype, r[2].dtype)
+        assert max_dp(p[2], r[2]) <= BF16_EPS
+    finally: learn.fast_reset()  # no bf16 engine left for tests that check the fallback

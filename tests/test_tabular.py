@@ -4,6 +4,7 @@ import numpy as np, pandas as pd
 from fastcore.test import test_eq as eq, test_close as close
 from fastinfer.all import *
 from fastinfer.tabproc import RowError
+from fastinfer.runtime import native_bf16
 from fastinfer.test_utils import TAB_KINDS, tab_learner
 
 EPS = 1e-5
@@ -47,6 +48,28 @@ def test_get_preds_parity(tab, backend):
     else: assert max_dp(res[1], ref[1]) <= EPS
     if kind.startswith('regression'): close(res[3], ref[3], eps=EPS)
     else: eq(res[3], ref[3])
+
+# torch's autocast rounds as native bf16 does, emulated or not; OpenVINO is asked for bf16 only where the CPU has it
+@pytest.mark.parametrize('backend', ['torch'] + (['openvino'] if native_bf16() else []))
+def test_bf16(tab, backend, monkeypatch):
+    "`precision='bf16'` forced, as on a CPU with native bf16 (mocked where it is missing): fastai's types and inputs, fp32 outputs within bf16's rounding, one row too"
+    import fastinfer.engine as engine
+    monkeypatch.setattr(engine, 'native_bf16', lambda: True)
+    kind,learn,df = tab
+    d = feats(df)
+    ref = fastai_preds(learn, d)
+    try:
+        res = learn.fast_get_preds(d, with_input=True, with_decoded=True, precision='bf16', backend=backend)
+        eq([type(o) for o in res], [type(o) for o in ref])
+        eq(res[0][0], ref[0][0]); eq(res[0][1], ref[0][1])
+        eq(res[1].dtype, ref[1].dtype)  # back in fp32, as fastai's
+        assert max_dp(res[1], ref[1]) <= 5e-2, max_dp(res[1], ref[1])  # up to 1.9e-2 measured (regression, torch)
+        with learn.no_bar(): r = learn.predict(d.iloc[0])
+        p = learn.fast_predict(d.iloc[0], precision='bf16', backend=backend)
+        eq([type(o) for o in p[1:]], [type(o) for o in r[1:]]); assert isinstance(p[0], pd.DataFrame)  # as `test_predict_parity`
+        eq(p[2].dtype, r[2].dtype)
+        assert max_dp(p[2], r[2]) <= 5e-2
+    finally: learn.fast_reset()
 
 def test_targets(tab):
     "rows that hold the target columns: `get_preds`' second element is fastai's targets, their dtype and shape included"
