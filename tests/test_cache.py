@@ -73,10 +73,10 @@ def test_off(single, tmp_path, monkeypatch):
     assert model_cache() is None and not any(tmp_path.rglob('onnx-*'))
     learn.fast_reset()
 
-def test_two_processes_at_once(single, on):
+def test_two_processes_at_once(single, on, tmp_path):
     "Two fresh processes on one empty cache at once: both answer as fastai does, and leave whole entries"
     learn,files = single
-    pkl = learn.path/'cache-single.pkl'
+    pkl = tmp_path/'cache-single.pkl'  # not `learn.path`: a reloaded learner's is the working directory
     learn.export(pkl)
     code = f"""
 import warnings, numpy as np
