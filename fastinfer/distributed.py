@@ -16,7 +16,7 @@ __all__ = ['Predict', 'PredictRows', 'ray_resources', 'ray_predict', 'bench_ray'
 # %% ../nbs/13_distributed.ipynb #d1e00005
 class Predict:
     "Ray Data's callable class: loads the export `model` once per actor, then maps a batch `{'item': [...]}` to prediction rows"
-    def __init__(self, model, threads:int=1, topk:int=0, backend:str='onnxruntime', precision:str=None):
+    def __init__(self, model, threads:int=1, topk:int=0, backend:str=None, precision:str=None):
         from PIL import Image
         self.p,self.topk = load(model, threads=threads, backend=backend, precision=precision),topk
         # one blank image: the model is warm, and a failed row's `probs` (NaN) is as wide as a good one's, as Arrow needs
@@ -49,7 +49,7 @@ class Predict:
 
 class PredictRows:
     "Ray Data's callable class for a tabular export: a batch of rows (pandas) → its `keep` columns, the prediction columns `fastinfer predict` writes, and `error`"
-    def __init__(self, model, threads:int=1, topk:int=1, keep=(), backend:str='onnxruntime', precision:str=None):
+    def __init__(self, model, threads:int=1, topk:int=1, keep=(), backend:str=None, precision:str=None):
         self.p,self.topk,self.keep = load(model, threads=threads, backend=backend, precision=precision),topk,list(keep)
 
     def __call__(self, df):
@@ -79,7 +79,7 @@ def ray_predict(items, # Paths or URIs every worker can read, or a `ray.data.Dat
     topk:int=0, # Also a `topk` column (JSON) for single-label models
     address:str=None, # A running cluster (`ray.init(address=...)`); default: the one running, else a local one
     keep=(), # A tabular model: the columns of `items` (a `Dataset` of rows) each output row carries, such as an id
-    backend:str='onnxruntime', # An `.onnx` model's engine on the workers: 'onnxruntime' or 'openvino'
+    backend:str=None, # An `.onnx` model's engine on the workers: 'onnxruntime' or 'openvino'; default ONNX Runtime, OpenVINO for bf16
     precision:str=None, # 'bf16' runs it on OpenVINO in bf16 (on CPUs with native bf16)
 ):
     "A `ray.data.Dataset` of `item`, `label`, `probability`, `probs` and `error` ('' where the item succeeded): one row per item (Ray may reorder rows; each names its item). A tabular model: the `keep` columns, the prediction columns and `error`"

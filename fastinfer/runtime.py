@@ -408,7 +408,7 @@ def _spec(meta:dict, fname)->dict:
     except ValueError as e: raise ValueError(f'{fname}: its {SPEC_FILE} is not valid JSON') from e
 
 def load(fname, device='cpu', threads:int=None,
-         backend:str='onnxruntime', # An `.onnx` file's engine: 'onnxruntime' or 'openvino' (no torch either way)
+         backend:str=None, # An `.onnx` file's engine: 'onnxruntime' or 'openvino' (no torch either way); default ONNX Runtime, OpenVINO for bf16
          precision:str=None, # 'bf16' runs an `.onnx` file in bf16 on OpenVINO (on a CPU with native bf16)
         )->Predictor:
     "A `Predictor` for an `.onnx` (`export_onnx`; ONNX Runtime or OpenVINO, no torch), `.pt` (`export_jit`) or `.pt2` (`export_program`) file"
@@ -416,6 +416,8 @@ def load(fname, device='cpu', threads:int=None,
     if not fname.exists(): raise FileNotFoundError(fname)
     if fname.suffix!='.onnx' and (backend not in (None, 'auto', 'onnxruntime', 'torch') or precision not in (None, 'fp32')):
         raise ValueError(f'{fname}: backend {backend!r} and precision {precision!r} are for .onnx exports; a {fname.suffix} file runs on torch')
+    # refused on every CPU alike: where bf16 is missing, it would otherwise warn and run fp32, and where it is native, fail
+    if backend=='onnxruntime' and precision=='bf16': raise ValueError("ONNX Runtime runs an export in fp32, not precision='bf16': leave backend out, or pass backend='openvino'")
     if backend in (None, 'auto'): backend = 'openvino' if precision=='bf16' else 'onnxruntime'
     if precision=='bf16' and not native_bf16():
         warnings.warn(f"fastinfer: precision='bf16' runs fp32: {bf16_missing()}")

@@ -165,3 +165,23 @@ print('handled', len(got))
 """
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     eq((r.returncode, r.stdout.split()[-2:]), (0, ['handled', '1']))
+
+@pytest.mark.parametrize('native', [True, False])
+def test_runtime_bf16(single, tmp_path, monkeypatch, native):
+    "`load(onnx, precision='bf16')` (`fastinfer predict|serve --precision bf16`) runs OpenVINO bf16 where bf16 is native, else warns and runs fp32"
+    import fastinfer.runtime as rt
+    # OpenVINO is asked for bf16 only where the CPU has it: the fallback is tested everywhere, the bf16 run where it is real
+    if native and not (has_openvino() and rt.native_bf16()): pytest.skip('this CPU has no native bf16')
+    monkeypatch.setattr(rt, 'native_bf16', lambda: native)
+    learn,files = single
+    fn = learn.export_onnx(tmp_path/'m.onnx', example_items=files[:2])
+    ref = load(fn).get_preds(files)[0]
+    if native:
+        p = load(fn, precision='bf16')
+        eq((p.model.name, p.model.precision), ('openvino', 'bf16'))
+        assert 0 < np.abs(p.get_preds(files)[0] - ref).max() <= 2e-2  # bf16's rounding, not fp32's answers
+    else:
+        with pytest.warns(UserWarning, match="precision='bf16' runs fp32: this CPU has no native bf16"): p = load(fn, precision='bf16')
+        close(p.get_preds(files)[0], ref, eps=1e-5)
+    # the default engine follows the precision; ONNX Runtime named with bf16 is refused on every CPU (it failed only where bf16 is native)
+    with pytest.raises(ValueError, match="leave backend out, or pass backend='openvino'"): load(fn, backend='onnxruntime', precision='bf16')
