@@ -14,6 +14,7 @@ from fastinfer.runtime import native_bf16, cpu_count
 OUT = Path(os.environ.get('OUT', '/tmp/out')); OUT.mkdir(parents=True, exist_ok=True)
 part = sys.argv[1]
 SMOKE = bool(os.environ.get('SMOKE'))  # a quick run on a CPU-only machine, to check the script itself
+_cores = []  # OpenVINO Cores made to time their start, kept until exit (see `blob`)
 CPU = not torch.cuda.is_available()
 log = open(OUT/f'{part}.jsonl', 'a')
 def emit(**kw):
@@ -111,14 +112,17 @@ def cpu_bf16():
         import io, openvino as ov
         from fastinfer.engine import onnx_bytes
         b = learn.export_onnx(Path(tempfile.mkdtemp())/'m.onnx', example_items=files[:2]).read_bytes()
-        core = ov.Core(); net = core.read_model(io.BytesIO(b))
+        # each Core is kept until exit: OpenVINO's CPU plugin restores the thread's alternate signal stack when its Core goes, and
+        # Cores freed in the order they were made leave it on freed memory, where the next signal kills the process (`runtime.ov_core`)
+        def fresh(): _cores.append(ov.Core()); return _cores[-1]
+        core = fresh(); net = core.read_model(io.BytesIO(b))
         for prec in ('f32', 'bf16'):
             cfg = {'INFERENCE_PRECISION_HINT': prec, 'PERFORMANCE_HINT': 'LATENCY', 'INFERENCE_NUM_THREADS': cpu_count()}
             tc,ti = [],[]
             for _ in range(3):
-                t0 = time.perf_counter(); c = ov.Core().compile_model(core.read_model(io.BytesIO(b)), 'CPU', cfg); tc.append(time.perf_counter()-t0)
+                t0 = time.perf_counter(); c = fresh().compile_model(core.read_model(io.BytesIO(b)), 'CPU', cfg); tc.append(time.perf_counter()-t0)
                 buf = io.BytesIO(); c.export_model(buf); v = buf.getvalue()
-                t0 = time.perf_counter(); ov.Core().import_model(io.BytesIO(v), 'CPU', cfg); ti.append(time.perf_counter()-t0)
+                t0 = time.perf_counter(); fresh().import_model(io.BytesIO(v), 'CPU', cfg); ti.append(time.perf_counter()-t0)
             emit(check='ov_blob', precision=prec, compile_s=tc, import_s=ti)
     try_('ov_blob', blob)
     def acc():
