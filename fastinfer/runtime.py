@@ -280,7 +280,7 @@ class OvModel:
 def rt_model(model, threads:int=None, backend:str='onnxruntime', precision:str=None):
     "The engine `backend` (one of `FILE_BACKENDS`) for the ONNX model `model` (a path or bytes): the learner's backends and `load` both build it here"
     if backend=='onnxruntime':
-        if precision not in (None, 'fp32'): raise ValueError(f"ONNX Runtime runs an export in fp32, not precision={precision!r}: try backend='openvino'")
+        if precision not in (None, 'fp32'): raise ValueError(f"ONNX Runtime runs an export in fp32, not precision={precision!r}: leave backend out, or pass backend='openvino'")
         return OrtModel(model, threads)
     if backend=='openvino': return OvModel(model, threads, precision)
     raise ValueError(f'backend={backend!r}: an ONNX model runs on one of {FILE_BACKENDS}')
@@ -416,10 +416,9 @@ def load(fname, device='cpu', threads:int=None,
     if not fname.exists(): raise FileNotFoundError(fname)
     if fname.suffix!='.onnx' and (backend not in (None, 'auto', 'onnxruntime', 'torch') or precision not in (None, 'fp32')):
         raise ValueError(f'{fname}: backend {backend!r} and precision {precision!r} are for .onnx exports; a {fname.suffix} file runs on torch')
-    # refused on every CPU alike: where bf16 is missing, it would otherwise warn and run fp32, and where it is native, fail
-    if backend=='onnxruntime' and precision=='bf16': raise ValueError("ONNX Runtime runs an export in fp32, not precision='bf16': leave backend out, or pass backend='openvino'")
     if backend in (None, 'auto'): backend = 'openvino' if precision=='bf16' else 'onnxruntime'
-    if precision=='bf16' and not native_bf16():
+    # only OpenVINO's bf16 falls back: ONNX Runtime named with bf16 reaches `rt_model`, which refuses it on every CPU alike
+    if precision=='bf16' and backend=='openvino' and not native_bf16():
         warnings.warn(f"fastinfer: precision='bf16' runs fp32: {bf16_missing()}")
         precision = None
     try: model = rt_model(fname, threads, backend, precision) if fname.suffix=='.onnx' else TorchFileModel(fname, device)
