@@ -57,7 +57,7 @@ def _write(d:Path, name:str, key:str, data:bytes, meta:dict=None)->Path|None:
     try:
         d.mkdir(parents=True, exist_ok=True)
         fd,tmp = tempfile.mkstemp(dir=d, prefix=f'.{name}-')
-        with os.fdopen(fd, 'wb') as f: f.write(len(head).to_bytes(8, 'little') + head + data)
+        with os.fdopen(fd, 'wb') as f: f.write(len(head).to_bytes(8, 'little') + head); f.write(data)
         os.replace(tmp, d/f'{name}-{key}')
         return d/f'{name}-{key}'
     except OSError as e:

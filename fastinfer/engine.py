@@ -123,11 +123,44 @@ class _OutType(nn.Module):
         self.out_type = type(out)
         return out
 
+def _pb_str(field:int, s:str)->bytes:
+    "String `s` as protobuf encodes it in field number `field` (below 16)"
+    b,n = s.encode(),len(s.encode())
+    size = bytearray()
+    while True:
+        size.append((n & 0x7f) | (0x80 if n > 0x7f else 0)); n >>= 7
+        if not n: break
+    return bytes([field << 3 | 2]) + bytes(size) + b
+
+class _Sink:
+    "A write-only file that keeps what is written, without the copy `io.BytesIO` makes (46 MB for resnet18)"
+    def __init__(self): self.parts = []
+    def write(self, b): self.parts.append(b); return len(b)
+    def flush(self): pass
+    def getvalue(self)->bytes: return self.parts[0] if len(self.parts)==1 else b''.join(self.parts)
+
+def _skip_onnx_import():
+    "Makes torch's TorchScript exporter skip its last step where that step cannot change the model: it imports `onnx` (0.5 s of a fresh process's first call)"
+    # the step adds the onnxscript functions of nodes in a custom domain registered with the exporter; where no such domain's name
+    # is in the exported bytes it returns them unchanged, so skipping it then gives the same bytes
+    try:
+        from torch.onnx._internal.torchscript_exporter import onnx_proto_utils as opu, registration
+        orig = opu._add_onnxscript_fn
+    except (ImportError, AttributeError): return
+    if getattr(orig, 'fastinfer', False): return
+    def _add_onnxscript_fn(model_bytes, custom_opsets):
+        doms = {f.split('::')[0] for f in registration.registry.all_functions()} - {'aten', 'prim', 'onnx', ''}
+        # a node's domain is field 7 of its `NodeProto`: tag 0x3a, the length, the name
+        return orig(model_bytes, custom_opsets) if any(_pb_str(7, d) in model_bytes for d in doms) else model_bytes
+    _add_onnxscript_fn.fastinfer,_add_onnxscript_fn.orig = True,orig
+    opu._add_onnxscript_fn = _add_onnxscript_fn
+
 def onnx_export(model:nn.Module, xb, output_names=('y',))->tuple:
     "`(onnx, out_type)`: `model` traced on two rows of the example batch tuple `xb` and exported to ONNX with a dynamic batch axis, and its output's type"
-    buf,names = io.BytesIO(),[f'x{i}' for i in range(len(xb))]
+    buf,names = _Sink(),[f'x{i}' for i in range(len(xb))]
     # tracing runs the model eagerly: on a whole batch of 64 that was 3 s of a 7.6 s first call (resnet18, Zen 3)
     xb,m = [x[:2] for x in _plain(xb)],_OutType(model).train(model.training)  # the exporter restores the wrapper's mode on `model`
+    _skip_onnx_import()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter('ignore')  # TracerWarnings about shapes, and TorchScript's deprecation notice
         torch.onnx.export(m, tuple(xb), buf, dynamo=False, input_names=names, output_names=list(output_names),
@@ -181,7 +214,7 @@ def model_hash(model)->str:
         if is_onnx(model): h.update(model.onnx)  # a quantized learner's weights are in its ONNX graph
         for k,t in model.state_dict().items():
             h.update(k.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
-            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b'')
+            if t.numel(): h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
         c = fi_state(model)['hash'] = (v, h.hexdigest())
     return c[1]
 

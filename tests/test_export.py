@@ -133,6 +133,31 @@ print(lbl)
     assert r.returncode==0, r.stderr[-2000:]
     eq(r.stdout.strip().splitlines()[-1], learn.fast_predict(files[0])[0])
 
+def test_export_skips_onnx_import(tmp_path):
+    "the ONNX export of a fresh process does not import `onnx` (0.5 s), and gives torch's own bytes; a custom-domain model still gets torch's step"
+    code = """
+import sys, torch, torchvision
+import fastinfer.engine as engine
+from fastinfer.engine import onnx_export
+from torch.onnx._internal.torchscript_exporter import onnx_proto_utils as opu, registration
+m,x = torchvision.models.resnet18(num_classes=3).eval(),torch.randn(2, 3, 64, 64)
+ours = onnx_export(m, (x,))[0]
+assert 'onnx' not in sys.modules
+step = opu._add_onnxscript_fn
+opu._add_onnxscript_fn,engine._skip_onnx_import = step.orig,lambda: None
+assert onnx_export(m, (x,))[0]==ours
+assert 'onnx' in sys.modules
+# a node in a custom domain that has functions registered: torch's step runs (here it parses the bytes, and fails on garbage)
+registration.registry.all_functions = lambda: {'aten::relu', 'mydomain::op'}
+assert step(b'no such domain', {})==b'no such domain'
+assert step(b'mydomain as a name, not a domain', {})==b'mydomain as a name, not a domain'
+try: step(b'garbage :\\x08mydomain', {}); print('not called')
+except Exception as e: print('called', type(e).__name__)
+"""
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert r.returncode==0, r.stderr[-2000:]
+    eq(r.stdout.split()[:1], ['called'])
+
 def test_learner_export_keeps_no_state(tmp_path):
     "fastai's `learn.export()` after fastinfer calls saves none of fastinfer's in-memory state (engines, ONNX export, pipelines, choices)"
     learn,files = synth_learner('single', tmp_path/'l', n=16)
