@@ -148,10 +148,10 @@ def _skip_onnx_import():
         orig = opu._add_onnxscript_fn
     except (ImportError, AttributeError): return
     if getattr(orig, 'fastinfer', False): return
-    def _add_onnxscript_fn(model_bytes, custom_opsets):
+    def _add_onnxscript_fn(model_bytes, *args, **kwargs):
         doms = {f.split('::')[0] for f in registration.registry.all_functions()} - {'aten', 'prim', 'onnx', ''}
         # a node's domain is field 7 of its `NodeProto`: tag 0x3a, the length, the name
-        return orig(model_bytes, custom_opsets) if any(_pb_str(7, d) in model_bytes for d in doms) else model_bytes
+        return orig(model_bytes, *args, **kwargs) if any(_pb_str(7, d) in model_bytes for d in doms) else model_bytes
     _add_onnxscript_fn.fastinfer,_add_onnxscript_fn.orig = True,orig
     opu._add_onnxscript_fn = _add_onnxscript_fn
 
