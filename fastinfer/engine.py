@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_engine.ipynb #5e3e3ff5
 from __future__ import annotations
-import functools, hashlib, importlib, io, itertools, json, threading, time, warnings
+import functools, hashlib, importlib, itertools, json, threading, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from fastai.basics import *
@@ -125,8 +125,8 @@ class _OutType(nn.Module):
 
 def _pb_str(field:int, s:str)->bytes:
     "String `s` as protobuf encodes it in field number `field` (below 16)"
-    b,n = s.encode(),len(s.encode())
-    size = bytearray()
+    b = s.encode()
+    n,size = len(b),bytearray()
     while True:
         size.append((n & 0x7f) | (0x80 if n > 0x7f else 0)); n >>= 7
         if not n: break

@@ -133,7 +133,7 @@ print(lbl)
     assert r.returncode==0, r.stderr[-2000:]
     eq(r.stdout.strip().splitlines()[-1], learn.fast_predict(files[0])[0])
 
-def test_export_skips_onnx_import(tmp_path):
+def test_export_skips_onnx_import():
     "the ONNX export of a fresh process does not import `onnx` (0.5 s), and gives torch's own bytes; a custom-domain model still gets torch's step"
     code = """
 import sys, torch, torchvision
