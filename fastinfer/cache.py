@@ -82,9 +82,9 @@ def cache_get(name:str, key:str)->tuple|None:
     if (t := _pending.pop(d/f'{name}-{key}', None)) is not None: t.join()
     if not (f := d/f'{name}-{key}').exists(): return None
     try:
-        raw = f.read_bytes()
-        n = int.from_bytes(raw[:8], 'little')
-        meta,data = json.loads(raw[8:8+n]),raw[8+n:]
+        with open(f, 'rb') as fh:  # the data read on its own: no copy of it sliced from the whole file (46 MB for resnet18)
+            n = int.from_bytes(fh.read(8), 'little')
+            meta,data = json.loads(fh.read(n)),fh.read()
         if len(data)!=meta['size'] or hashlib.sha256(data).hexdigest()!=meta['sha256']: raise ValueError('its checksum does not match')
         return data,meta
     except Exception as e:
