@@ -50,7 +50,7 @@ def test_get_preds_parity(tab, backend):
     else: eq(res[3], ref[3])
 
 # torch's autocast rounds as native bf16 does, emulated or not; OpenVINO is asked for bf16 only where the CPU has it
-@pytest.mark.parametrize('backend', ['torch'] + (['openvino'] if native_bf16() else []))
+@pytest.mark.parametrize('backend', ['torch'] + (['openvino'] if has_openvino() and native_bf16() else []))
 def test_bf16(tab, backend, monkeypatch):
     "`precision='bf16'` forced, as on a CPU with native bf16 (mocked where it is missing): fastai's types and inputs, fp32 outputs within bf16's rounding, one row too"
     import fastinfer.engine as engine
